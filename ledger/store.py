@@ -1,0 +1,188 @@
+"""The SQLite store: one writer path, WAL, versioned migrations.
+
+Invariant owned here: every write runs in one ``BEGIN IMMEDIATE`` transaction on the
+single writer connection, serialised by a ``CapacityLimiter(1)``; a write either
+commits whole or leaves nothing. Reads use their own connection and, thanks to WAL,
+never block the writer.
+
+SQLite calls are blocking, so they run in worker threads through an injectable
+runner (tests under virtual time inject an inline one). A cancelled write still
+completes in its thread (``abandon_on_cancel`` stays False): cancellation never
+leaves a half-known commit behind.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import attrs
+import sqlite_utils
+import trio
+
+T = TypeVar("T")
+
+
+class ThreadRunner(Protocol):
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+async def run_in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+async def run_inline(fn: Callable[[], T]) -> T:
+    """Runs blocking work on the trio thread: only for tests under virtual time."""
+    await trio.lowlevel.checkpoint()
+    return fn()
+
+
+@attrs.frozen
+class Migration:
+    """One schema step of one component; ``sql`` may hold several statements."""
+
+    version: int
+    sql: str
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+@attrs.define(eq=False)
+class Store:
+    """A SQLite database file with one writer connection and one reader connection."""
+
+    path: str
+    _writer: sqlite3.Connection
+    _reader: sqlite3.Connection
+    _run: ThreadRunner = run_in_thread
+    _write_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
+    _read_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
+    _wdb: sqlite_utils.Database = attrs.field(init=False)
+    _rdb: sqlite_utils.Database = attrs.field(init=False)
+    writes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._wdb = sqlite_utils.Database(self._writer)
+        self._rdb = (
+            self._wdb if self._reader is self._writer else sqlite_utils.Database(self._reader)
+        )
+
+    @classmethod
+    def open(cls, path: str, *, runner: ThreadRunner = run_in_thread) -> Store:
+        writer = _connect(path)
+        mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != ":memory:" and str(mode).lower() != "wal":
+            raise RuntimeError(f"cannot enable WAL on {path} (journal_mode={mode})")
+        writer.execute("PRAGMA synchronous = FULL")
+        reader = writer if path == ":memory:" else _connect(path)
+        return cls(path, writer, reader, runner)
+
+    def close(self) -> None:
+        if self._reader is not self._writer:
+            self._reader.close()
+        self._writer.close()
+
+    # -- synchronous API (used inside worker threads and by offline CLI commands) --
+
+    def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run ``fn`` in one IMMEDIATE transaction on the writer; commit or roll back whole."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self._wdb)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        self.writes += 1
+        return result
+
+    def read_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        conn = self._reader
+        conn.execute("BEGIN")
+        try:
+            return fn(self._rdb)
+        finally:
+            conn.execute("COMMIT")
+
+    # -- trio API --
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        async with self._write_lock:
+            return await self._run(lambda: self.write_sync(fn))
+
+    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        if self._reader is self._writer:
+            return await self.write(fn)
+        async with self._read_lock:
+            return await self._run(lambda: self.read_sync(fn))
+
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> int:
+        """Apply the steps of ``component`` not yet applied; idempotent. Returns the version."""
+        conn = self._writer
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " component TEXT NOT NULL, version INTEGER NOT NULL,"
+            " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),"
+            " PRIMARY KEY (component, version))"
+        )
+        current = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations WHERE component = ?",
+            (component,),
+        ).fetchone()[0]
+        for step in sorted(migrations, key=lambda m: m.version):
+            if step.version <= current:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(step.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (component, version) VALUES (?, ?)",
+                    (component, step.version),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            current = step.version
+        return int(current)
+
+    def backup(self, target: str) -> None:
+        """Online backup (SQLite's backup API): consistent even while the gateway writes."""
+        dest = sqlite3.connect(target)
+        try:
+            self._writer.backup(dest)
+        finally:
+            dest.close()
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration script into statements (complete_statement respects quotes)."""
+    out: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:80]}")
+    return out
+
+
+def rows(db: sqlite_utils.Database, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    return list(db.conn.execute(sql, params).fetchall())
+
+
+def one(db: sqlite_utils.Database, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.conn.execute(sql, params).fetchone()
+    return row

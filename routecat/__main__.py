@@ -1,0 +1,5 @@
+import sys
+
+from routecat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""The Quart-Trio application: the HTTP surface and its cross-cutting rules.
+
+Invariants owned here: every response carries ``X-Request-Id``; every error, from a
+view, the router or an unexpected exception, leaves in the OpenAI error shape with
+the right status and never with a traceback; ``/v1/*`` answers CORS preflights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from routecat import errors
+from routecat.clientip import client_ip
+from routecat.gateway import Gateway
+from routecat.schema import ChatCompletionRequest, RegisterRequest, decode_json, parse_request
+
+log = logging.getLogger("routecat.http")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "X-Request-Id, X-RouteCat-Cost-Msat, Retry-After",
+}
+PREFLIGHT_HEADERS = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": (
+        "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project,"
+        " X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version,"
+        " X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count,"
+        " X-Stainless-Timeout"
+    ),
+    "Access-Control-Max-Age": "86400",
+}
+
+_HTTP_ERRORS: dict[int, type[errors.ApiError]] = {
+    400: errors.InvalidRequest,
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.RequestTooLarge,
+}
+
+
+def error_response(exc: errors.ApiError) -> Response:
+    response = jsonify(exc.body())
+    response.status_code = exc.status
+    response.headers.update(exc.headers())
+    return response
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def remote_ip(gw: Gateway) -> str:
+    return client_ip(request.remote_addr, request.headers.get("X-Forwarded-For"), gw.proxies)
+
+
+async def read_json() -> Any:
+    """The request body as JSON; 413 past the limit, 400 when it is not JSON."""
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    return decode_json(body)
+
+
+def create_app(gw: Gateway) -> QuartTrio:
+    app = QuartTrio("routecat")
+    app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["RESPONSE_TIMEOUT"] = None
+
+    @app.before_request
+    async def start_request() -> Response | None:
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(8)
+        if request.method == "OPTIONS" and request.path.startswith("/v1/"):
+            return Response("", status=204, headers=PREFLIGHT_HEADERS)
+        return None
+
+    @app.after_request
+    async def finish_request(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.path.startswith("/v1/"):
+            response.headers.update(CORS_HEADERS)
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        gw.metrics.requests.labels(rule, request.method, str(response.status_code)).inc()
+        gw.metrics.latency.labels(rule).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %d %.1fms",
+                request.method,
+                request.path,
+                response.status_code,
+                elapsed * 1000,
+                extra={"request_id": g.get("request_id", "")},
+            )
+        return response
+
+    @app.errorhandler(errors.ApiError)
+    async def api_error(exc: errors.ApiError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        kind = _HTTP_ERRORS.get(status, errors.ApiError)
+        message = {
+            404: f"no route for {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: f"request body larger than {gw.config.max_body_bytes} bytes",
+        }.get(status, exc.description or exc.name)
+        response = error_response(kind(message))
+        response.status_code = status
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error(
+            "unhandled error in %s %s",
+            request.method,
+            request.path,
+            exc_info=exc,
+            extra={"request_id": g.get("request_id", "")},
+        )
+        return error_response(errors.ApiError("internal error; the request id names it"))
+
+    # -- operational endpoints --
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if not gw.ready:
+            return json_response({"status": "starting or stopping"}, 503)
+        return json_response({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    # -- accounts --
+
+    @app.post("/v1/auth/register")
+    async def register() -> Response:
+        gw.register_limit.acquire_nowait(remote_ip(gw))
+        body = parse_request(RegisterRequest, await read_json())
+        record, key = await gw.keys.register(body.name)
+        log.info("registered key %s", record.prefix)
+        return json_response({"api_key": key, "quota_daily": gw.config.free_daily_requests}, 200)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        await gw.keys.authenticate(request.headers.get("Authorization"))
+        body = parse_request(ChatCompletionRequest, await read_json())
+        raise errors.NotFound(
+            f"model '{body.model}' is not served by this gateway",
+            code="model_not_found",
+            param="model",
+        )
+
+    @app.get("/v1/stats")
+    async def stats() -> Response:
+        gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
+        return json_response(await gw_stats(gw))
+
+    return app
+
+
+async def gw_stats(gw: Gateway) -> dict[str, Any]:
+    return {"version": gw.version, "commit": gw.commit}

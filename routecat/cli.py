@@ -1,0 +1,165 @@
+"""The ``routecat`` command: ``serve`` and the operator's commands.
+
+Commands that need only the database work offline on the SQLite file; every
+setting comes from flags > ``ROUTECAT_*`` environment > TOML file, and secrets
+never from a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from routecat import keys as keys_mod
+from routecat.config import Config, load_config
+from routecat.errors import ConfigError
+from routecat.logs import setup_logging
+
+HELP = {
+    "host": "interface to bind (default 127.0.0.1)",
+    "port": "TCP port (default 8080; 0 picks a free one)",
+    "database": "SQLite file (default ./routecat.db)",
+    "log_level": "DEBUG, INFO, WARNING, ERROR (default INFO)",
+    "log_format": "text or json (default text)",
+    "max_body_bytes": "largest request body accepted (default 8 MiB)",
+    "trusted_proxies": "comma-separated proxy addresses/networks allowed to set X-Forwarded-For",
+    "btc_usd": "pin the BTC/USD rate instead of live sources",
+    "lightning": "Lightning backend: dev (default), lnbits, phoenixd, lnd",
+    "catalog": "TOML price catalog (USD per 1M tokens per model)",
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for field in attrs.fields(Config):
+        if field.metadata.get("secret"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            metavar=field.name.upper(),
+            help=HELP.get(field.name, f"(default {field.default!r})"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="TOML configuration file (also ROUTECAT_CONFIG)",
+    )
+    _add_setting_flags(common)
+    parser = argparse.ArgumentParser(
+        prog="routecat",
+        description="RouteCat: an OpenAI-compatible inference gateway paid per token in sats.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the gateway",
+        description="Run the gateway: HTTP API, web pages and the node websocket on one port.",
+    )
+    for name, help_text, actions in COMMAND_TREE:
+        group = sub.add_parser(name, help=help_text)
+        group_sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, action_help, positionals in actions:
+            leaf = group_sub.add_parser(action, parents=[common], help=action_help)
+            for positional in positionals:
+                leaf.add_argument(positional)
+    return parser
+
+
+COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
+    (
+        "keys",
+        "list, revoke or rotate API keys",
+        [
+            ("list", "every key: prefix, name, created, revoked", []),
+            ("revoke", "revoke a key by its prefix", ["prefix"]),
+            ("rotate", "new secret, same account and balance", ["prefix"]),
+        ],
+    ),
+    ("db", "database maintenance", [("backup", "online backup of the SQLite file", ["target"])]),
+]
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in attrs.fields(Config)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    from routecat.server import run
+
+    return run(config)
+
+
+def cmd_keys(config: Config, args: argparse.Namespace) -> int:
+    from routecat.server import open_store
+
+    store = open_store(config)
+    try:
+        if args.action == "list":
+            for k in keys_mod.list_keys(store):
+                state = "revoked" if k.revoked else "active"
+                print(f"{k.prefix}...  {state:8} {k.created_at}  {k.name}")
+        elif args.action == "revoke":
+            record = keys_mod.revoke_key(store, args.prefix)
+            print(f"revoked {record.prefix}... ({record.name})")
+        elif args.action == "rotate":
+            record, key = keys_mod.rotate_key(store, args.prefix)
+            print(f"new key for {record.name} (shown once): {key}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    from routecat.server import open_store
+
+    store = open_store(config)
+    try:
+        store.backup(args.target)
+        print(f"backed up {config.database} to {args.target}")
+    finally:
+        store.close()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "keys": cmd_keys,
+    "db": cmd_db,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(flags=_settings(args), config_file=getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"routecat: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    try:
+        return COMMANDS[args.command](config, args)
+    except LookupError as exc:
+        logging.getLogger("routecat").error("%s", exc.args[0] if exc.args else exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

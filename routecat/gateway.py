@@ -1,0 +1,51 @@
+"""The gateway's services, wired once by ``serve`` and injected into the web app.
+
+No module holds state: everything a view needs hangs off one ``Gateway`` value.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+
+from ledger.store import Store
+from routecat.clientip import IPNetwork, parse_networks
+from routecat.config import Config
+from routecat.keys import KeyRing
+from routecat.metrics import Metrics
+from routecat.ratelimit import SlidingWindow
+from routecat.version import git_commit, package_version
+
+
+@attrs.define(eq=False)
+class Gateway:
+    config: Config
+    store: Store
+    keys: KeyRing
+    metrics: Metrics
+    register_limit: SlidingWindow
+    request_limit: SlidingWindow
+    read_limit: SlidingWindow
+    proxies: tuple[IPNetwork, ...]
+    version: str
+    commit: str
+    started_at: float = attrs.field(factory=time.time)
+    ready: bool = False
+
+    @classmethod
+    def build(cls, config: Config, store: Store) -> Gateway:
+        return cls(
+            config=config,
+            store=store,
+            keys=KeyRing(store),
+            metrics=Metrics(),
+            register_limit=SlidingWindow(
+                config.register_limit_per_hour, 3600.0, what="registrations"
+            ),
+            request_limit=SlidingWindow(config.rate_limit_per_minute, 60.0),
+            read_limit=SlidingWindow(config.read_limit_per_minute, 60.0),
+            proxies=parse_networks(config.trusted_proxies),
+            version=package_version(),
+            commit=git_commit(),
+        )

@@ -1,0 +1,120 @@
+"""``routecat serve``: one top-level nursery owning every service and the HTTP server.
+
+Invariants: services run in this nursery, never in quart-trio's ``app.nursery``, so a
+crashing service tears the whole process down at once (no zombie server answering
+HTTP with nothing behind it); a stop request drains in-flight requests for at most
+``drain_timeout`` seconds, then cancels everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from ledger.store import Store
+from routecat import tables
+from routecat.app import create_app
+from routecat.config import Config
+from routecat.gateway import Gateway
+
+log = logging.getLogger("routecat")
+
+Service = Callable[..., Awaitable[Any]]
+
+
+def open_store(config: Config) -> Store:
+    store = Store.open(config.database)
+    store.migrate(tables.COMPONENT, tables.MIGRATIONS)
+    return store
+
+
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = config.drain_timeout
+    hc.read_timeout = None
+    hc.keep_alive_timeout = 75
+    hc.websocket_max_message_size = config.max_frame_bytes
+    hc.h11_max_incomplete_size = 64 * 1024
+    return hc
+
+
+async def serve_gateway(
+    config: Config,
+    *,
+    stop: trio.Event | None = None,
+    extra_services: Sequence[Service] = (),
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until ``stop`` is set; ``task_status`` receives its base URL."""
+    stop = trio.Event() if stop is None else stop
+    store = open_store(config)
+    gw = Gateway.build(config, store)
+    app = create_app(gw)
+    try:
+        async with trio.open_nursery() as nursery:
+            for service in extra_services:
+                await nursery.start(service)
+
+            async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(
+                    app,
+                    hypercorn_config(config),
+                    shutdown_trigger=stop.wait,
+                    task_status=task_status,
+                )
+                # HTTP is drained: stop every other service.
+                nursery.cancel_scope.cancel()
+
+            binds: list[str] = await nursery.start(serve_http)
+            url = binds[0].replace("0.0.0.0", "127.0.0.1")
+            gw.ready = True
+            log.info("RouteCat %s (%s) listening on %s", gw.version, gw.commit, url)
+            task_status.started(url)
+            await stop.wait()
+            gw.ready = False
+            log.info("stopping: draining in-flight requests for up to %gs", config.drain_timeout)
+    finally:
+        store.close()
+    log.info("stopped")
+
+
+async def watch_signals(stop: trio.Event) -> None:
+    """First SIGINT/SIGTERM: graceful stop. A second one: stop waiting."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("received %s", signal.Signals(signum).name)
+                stop.set()
+            else:
+                raise KeyboardInterrupt
+
+
+async def main_serve(config: Config) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, stop)
+        await serve_gateway(config, stop=stop)
+        nursery.cancel_scope.cancel()
+
+
+def run(config: Config) -> int:
+    try:
+        trio.run(functools.partial(main_serve, config))
+    except KeyboardInterrupt:
+        log.error("stopped by a second signal before the drain finished")
+        return 130
+    except BaseException as exc:
+        log.critical("routecat stopped: a service crashed: %r", exc, exc_info=exc)
+        return 1
+    return 0

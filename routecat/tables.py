@@ -1,0 +1,62 @@
+"""The gateway's own tables (keys, nodes, jobs), as versioned migrations.
+
+Invariant: migrations only ever append; a step once released is never edited.
+The ledger's tables are migrated by ``ledger`` itself.
+"""
+
+from __future__ import annotations
+
+from ledger.store import Migration
+
+COMPONENT = "routecat"
+
+MIGRATIONS = (
+    Migration(
+        1,
+        """
+        CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY,
+            key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        CREATE INDEX api_keys_prefix ON api_keys (prefix);
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            payout_address TEXT NOT NULL DEFAULT '',
+            payout_threshold_sats INTEGER,
+            created_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            banned_at TEXT,
+            ban_reason TEXT
+        );
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            node_id TEXT,
+            model TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            stream INTEGER NOT NULL,
+            free INTEGER NOT NULL DEFAULT 0,
+            outcome TEXT NOT NULL,
+            tokens_in INTEGER NOT NULL,
+            tokens_out INTEGER NOT NULL,
+            reported_in INTEGER,
+            reported_out INTEGER,
+            bytes_out INTEGER NOT NULL DEFAULT 0,
+            duration_ms INTEGER NOT NULL,
+            ttft_ms INTEGER,
+            cost_msat INTEGER NOT NULL DEFAULT 0,
+            provider_msat INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            finished_at TEXT NOT NULL
+        );
+        CREATE INDEX jobs_finished ON jobs (finished_at);
+        CREATE INDEX jobs_node ON jobs (node_id, finished_at);
+        """,
+    ),
+)

@@ -17,10 +17,12 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.clientip import client_ip
 from routecat.gateway import Gateway
-from routecat.schema import ChatCompletionRequest, RegisterRequest, decode_json, parse_request
+from routecat.nodes import serve_node_socket
+from routecat.schema import RegisterRequest, decode_json, parse_request
 
 log = logging.getLogger("routecat.http")
 
@@ -169,13 +171,33 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        await gw.keys.authenticate(request.headers.get("Authorization"))
-        body = parse_request(ChatCompletionRequest, await read_json())
-        raise errors.NotFound(
-            f"model '{body.model}' is not served by this gateway",
-            code="model_not_found",
-            param="model",
-        )
+        from routecat.completions import serve_completion
+
+        return await serve_completion(gw, "chat")
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        from routecat.completions import serve_completion
+
+        return await serve_completion(gw, "completion")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
+        return json_response({"object": "list", "data": model_list(gw)})
+
+    @app.get("/v1/models/<path:model>")
+    async def model(model: str) -> Response:
+        found = [m for m in model_list(gw) if m["id"] == model]
+        if not found:
+            raise errors.NotFound(
+                f"model '{model}' is not served right now", code="model_not_found", param="model"
+            )
+        return json_response(found[0])
+
+    @app.websocket(WS_PATH)
+    async def node_socket() -> None:
+        await serve_node_socket(gw.registry, gw.config)
 
     @app.get("/v1/stats")
     async def stats() -> Response:
@@ -185,5 +207,25 @@ def create_app(gw: Gateway) -> QuartTrio:
     return app
 
 
+def model_list(gw: Gateway) -> list[dict[str, Any]]:
+    online = gw.registry.online_models()
+    out = []
+    for name in sorted(online):
+        out.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(gw.registry.model_seen.get(name, gw.started_at)),
+                "owned_by": "community",
+                "routecat_nodes": len(online[name]),
+            }
+        )
+    return out
+
+
 async def gw_stats(gw: Gateway) -> dict[str, Any]:
-    return {"version": gw.version, "commit": gw.commit}
+    return {
+        "nodes_online": len(gw.registry.nodes),
+        "version": gw.version,
+        "commit": gw.commit,
+    }

@@ -10,11 +10,14 @@ import time
 import attrs
 
 from ledger.store import Store
+from routecat.billing import Billing
 from routecat.clientip import IPNetwork, parse_networks
 from routecat.config import Config
 from routecat.keys import KeyRing
 from routecat.metrics import Metrics
+from routecat.nodes import Registry
 from routecat.ratelimit import SlidingWindow
+from routecat.scheduler import JobSpec, Scheduler
 from routecat.version import git_commit, package_version
 
 
@@ -30,16 +33,30 @@ class Gateway:
     proxies: tuple[IPNetwork, ...]
     version: str
     commit: str
+    registry: Registry
+    scheduler: Scheduler
+    billing: Billing
     started_at: float = attrs.field(factory=time.time)
     ready: bool = False
+    url: str = ""
+
+    async def admit(self, spec: JobSpec) -> JobSpec:
+        return await self.billing.admit(spec)
+
+    async def release(self, spec: JobSpec) -> None:
+        await self.billing.release(spec)
 
     @classmethod
     def build(cls, config: Config, store: Store) -> Gateway:
+        metrics = Metrics()
+        registry = Registry(store, metrics)
+        billing = Billing(store)
+        scheduler = Scheduler(config, registry, metrics, billing.settle)
         return cls(
             config=config,
             store=store,
             keys=KeyRing(store),
-            metrics=Metrics(),
+            metrics=metrics,
             register_limit=SlidingWindow(
                 config.register_limit_per_hour, 3600.0, what="registrations"
             ),
@@ -48,4 +65,7 @@ class Gateway:
             proxies=parse_networks(config.trusted_proxies),
             version=package_version(),
             commit=git_commit(),
+            registry=registry,
+            scheduler=scheduler,
+            billing=billing,
         )

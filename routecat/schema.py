@@ -8,9 +8,7 @@ types are strict: ``"5"`` is not an integer and ``true`` is not a number.
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import typing
 from typing import Any, Literal, TypeVar
 
@@ -18,6 +16,7 @@ import attrs
 import cattrs
 from cattrs.errors import IterableValidationNote
 
+from owlrun.protocol import register_exact, strict_converter
 from routecat.errors import InvalidRequest
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -143,43 +142,7 @@ class TopupRequest:
 
 # -- the converter ---------------------------------------------------------------------
 
-converter = cattrs.Converter(forbid_extra_keys=False)
-
-
-def _strict_str(value: Any, _t: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("expected a string")
-    return value
-
-
-def _strict_int(value: Any, _t: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("expected an integer")
-    return value
-
-
-def _strict_float(value: Any, _t: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError("expected a number")
-    return float(value)
-
-
-def _strict_bool(value: Any, _t: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("expected a boolean")
-    return value
-
-
-def _object(value: Any, _t: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TypeError("expected an object")
-    return value
-
-
-def _object_list(value: Any, _t: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        raise TypeError("expected an array of objects")
-    return value
+converter = strict_converter()
 
 
 def _content(value: Any, _t: Any) -> str | list[dict[str, Any]] | None:
@@ -250,20 +213,14 @@ def _prompt(value: Any, _t: Any) -> str | list[str]:
     raise TypeError("expected a string or an array of strings")
 
 
-converter.register_structure_hook(str, _strict_str)
-converter.register_structure_hook(int, _strict_int)
-converter.register_structure_hook(float, _strict_float)
-converter.register_structure_hook(bool, _strict_bool)
 for _type, _hook in (
-    (dict[str, Any], _object),
-    (list[dict[str, Any]], _object_list),
     (Content, _content),
     (Stop, _stop_hook),
     (ToolChoice, _tool_choice),
     (str | list[str], _prompt),
     (Role, _role),
 ):
-    converter.register_structure_hook_func(functools.partial(operator.eq, _type), _hook)
+    register_exact(converter, _type, _hook)
 converter.register_structure_hook_factory(_is_list, _list_factory)
 
 T = TypeVar("T")

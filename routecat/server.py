@@ -54,15 +54,18 @@ async def serve_gateway(
     *,
     stop: trio.Event | None = None,
     extra_services: Sequence[Service] = (),
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gateway until ``stop`` is set; ``task_status`` receives its base URL."""
+    """Run the gateway until ``stop`` is set; ``task_status`` receives the running gateway
+    (its ``url`` attribute is the base URL)."""
     stop = trio.Event() if stop is None else stop
     store = open_store(config)
     gw = Gateway.build(config, store)
     app = create_app(gw)
     try:
         async with trio.open_nursery() as nursery:
+            await gw.registry.load()
+            await nursery.start(gw.scheduler.run)
             for service in extra_services:
                 await nursery.start(service)
 
@@ -80,10 +83,12 @@ async def serve_gateway(
             url = binds[0].replace("0.0.0.0", "127.0.0.1")
             gw.ready = True
             log.info("RouteCat %s (%s) listening on %s", gw.version, gw.commit, url)
-            task_status.started(url)
+            gw.url = url
+            task_status.started(gw)
             await stop.wait()
             gw.ready = False
-            log.info("stopping: draining in-flight requests for up to %gs", config.drain_timeout)
+            log.info("stopping: draining in-flight jobs for up to %gs", config.drain_timeout)
+            await gw.scheduler.drain(config.drain_timeout)
     finally:
         store.close()
     log.info("stopped")

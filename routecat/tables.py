@@ -57,6 +57,10 @@ MIGRATIONS = (
         );
         CREATE INDEX jobs_finished ON jobs (finished_at);
         CREATE INDEX jobs_node ON jobs (node_id, finished_at);
+        CREATE TABLE models_seen (
+            model TEXT PRIMARY KEY,
+            last_seen REAL NOT NULL
+        );
         """,
     ),
 )

@@ -1,0 +1,5 @@
+import sys
+
+from owlrun.cli import main
+
+sys.exit(main())

@@ -1,0 +1,429 @@
+"""The owlrun agent: one websocket to the gateway, jobs served from a local engine.
+
+Invariants: every job runs in its own cancel scope, and a ``cancel`` from the gateway
+(or the loss of the connection) cancels it, which closes the engine request at once;
+one sender task owns the websocket's send side (jobs queue into a bounded channel, so a
+slow gateway applies back-pressure instead of interleaving frames); the agent never
+takes more than ``max_jobs`` jobs at once and takes none while draining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import random
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import httpx
+import trio
+import trio_websocket
+
+from owlrun import __version__
+from owlrun.engines import Engine, Finish
+from owlrun.errors import EngineError, RefusedError
+from owlrun.identity import Identity
+from owlrun.protocol import (
+    NODE_HEADER,
+    PROTOCOL_VERSION,
+    SECRET_HEADER,
+    WS_PATH,
+    Cancel,
+    Chunk,
+    Done,
+    Drain,
+    Earnings,
+    Hardware,
+    Heartbeat,
+    Hello,
+    Job,
+    JobError,
+    Message,
+    ModelInfo,
+    ModelsUpdate,
+    ProtocolError,
+    Refused,
+    Welcome,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("owlrun")
+
+
+def websocket_url(gateway: str) -> str:
+    base = gateway.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :] + WS_PATH
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :] + WS_PATH
+    return base + WS_PATH
+
+
+@contextlib.asynccontextmanager
+async def open_gateway_socket(
+    url: str, headers: list[tuple[str, str]], *, max_message_size: int, connect_timeout: float = 10
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A websocket whose TCP stream we own and always close.
+
+    trio-websocket leaves the stream open when the peer closes first (its ``aclose``
+    returns early on an already-closed socket), so the stream is closed here.
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if secure else 80)
+    resource = parts.path or "/"
+    if parts.query:
+        resource += "?" + parts.query
+    with trio.fail_after(connect_timeout):
+        if secure:
+            stream: (
+                trio.SocketStream | trio.SSLStream[trio.SocketStream]
+            ) = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    host if parts.port is None else f"{host}:{port}",
+                    resource,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                    max_message_size=max_message_size,
+                )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await stream.aclose()
+
+
+RECOVERABLE = (
+    OSError,
+    RefusedError,
+    trio_websocket.HandshakeError,
+    trio_websocket.ConnectionClosed,
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def hardware_summary() -> Hardware:
+    memory_mb = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    return Hardware(
+        summary=f"{platform.system()} {platform.machine()}",
+        cpu_count=os.cpu_count(),
+        memory_mb=memory_mb,
+        gpus=[],
+    )
+
+
+@attrs.define
+class Totals:
+    jobs: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@attrs.define(eq=False)
+class Agent:
+    gateway: str
+    identity: Identity
+    engine: Engine
+    max_jobs: int = 1
+    allowed_models: tuple[str, ...] = ()
+    name: str = ""
+    payout_address: str = ""
+    payout_threshold_sats: int | None = None
+    model_refresh: float = 30.0
+    summary_interval: float = 300.0
+    drain_timeout: float = 30.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    heartbeat_interval: float = 10.0
+    models: list[ModelInfo] = attrs.Factory(list)
+    earnings: Earnings | None = None
+    totals: Totals = attrs.Factory(Totals)
+    connected: bool = False
+    draining: bool = False
+    _jobs: dict[str, trio.CancelScope] = attrs.Factory(dict)
+    _outbox: trio.MemorySendChannel[Message] | None = None
+    _idle: trio.Event = attrs.Factory(trio.Event)
+    _session_scope: trio.CancelScope | None = None
+    _welcomed: bool = False
+    # Jobs that hold a slot: a job frees it the moment its last frame is queued, which
+    # is when the gateway frees it too (the engine response may take longer to close).
+    _busy: set[str] = attrs.Factory(set)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "in_flight": len(self._jobs),
+            "models": [m.name for m in self.models],
+            **attrs.asdict(self.totals),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, reconnect with exponential backoff and jitter; never returns
+        unless refused for good (``RefusedError``) or cancelled."""
+        delay = 0.5
+        started = False
+        while True:
+            self._welcomed = False
+            try:
+                await self._session(task_status if not started else trio.TASK_STATUS_IGNORED)
+            except BaseException as exc:
+                leaves = _leaves(exc)
+                refused = [e for e in leaves if isinstance(e, RefusedError)]
+                if refused and not all(r.retryable for r in refused):
+                    raise refused[0] from None
+                if not all(isinstance(e, RECOVERABLE) for e in leaves):
+                    raise
+                log.warning(
+                    "connection to the gateway lost: %s", leaves[0] or type(leaves[0]).__name__
+                )
+            finally:
+                self.connected = False
+            if self._welcomed:
+                started = True
+                delay = 0.5
+            sleep = random.uniform(delay / 2, delay)
+            log.info("reconnecting in %.1fs", sleep)
+            await trio.sleep(sleep)
+            delay = min(delay * 2, 30.0)
+
+    async def refresh_models(self) -> bool:
+        """Ask the engine what it serves now; True when that changed."""
+        try:
+            found = await self.engine.list_models()
+        except (httpx.HTTPError, EngineError, ValueError) as exc:
+            log.warning("cannot list the engine's models at %s: %s", self.engine.url, exc)
+            return False
+        if self.allowed_models:
+            found = [m for m in found if m.name in self.allowed_models]
+        found.sort(key=lambda m: m.name)
+        if found == self.models:
+            return False
+        self.models = found
+        log.info("serving models: %s", ", ".join(m.name for m in found) or "(none)")
+        return True
+
+    async def _session(self, task_status: trio.TaskStatus[None]) -> None:
+        await self.refresh_models()
+        headers = [
+            (NODE_HEADER, self.identity.node_id),
+            (SECRET_HEADER, self.identity.secret),
+        ]
+        url = websocket_url(self.gateway)
+        async with open_gateway_socket(url, headers, max_message_size=self.max_message_bytes) as ws:
+            hello = Hello(
+                node_id=self.identity.node_id,
+                agent_version=__version__,
+                protocol_version=PROTOCOL_VERSION,
+                models=list(self.models),
+                max_concurrency=self.max_jobs,
+                hardware=hardware_summary(),
+                name=self.name,
+                payout_address=self.payout_address,
+                payout_threshold_sats=self.payout_threshold_sats,
+            )
+            await ws.send_message(encode(hello))
+            with trio.fail_after(15):
+                reply = decode(await ws.get_message())
+            if isinstance(reply, Refused):
+                raise RefusedError(reply.reason, reply.retryable)
+            if not isinstance(reply, Welcome):
+                raise ProtocolError(f"expected welcome, got {reply.type}")
+            self.heartbeat_interval = reply.heartbeat_interval
+            self.connected = True
+            self._welcomed = True
+            log.info(
+                "connected to %s as %s (payout threshold %d sats)",
+                self.gateway,
+                reply.node_id,
+                reply.payout_threshold_sats,
+            )
+            send, receive = trio.open_memory_channel[Message](256)
+            self._outbox = send
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._session_scope = nursery.cancel_scope
+                    nursery.start_soon(self._sender, ws, receive)
+                    nursery.start_soon(self._heartbeats)
+                    nursery.start_soon(self._watch_models)
+                    nursery.start_soon(self._summaries)
+                    task_status.started()
+                    if self.draining:
+                        await send.send(Drain(reason="agent stopping"))
+                    await self._receiver(ws, nursery)
+            finally:
+                self._outbox = None
+                self._session_scope = None
+
+    async def _sender(
+        self, ws: trio_websocket.WebSocketConnection, outbox: trio.MemoryReceiveChannel[Message]
+    ) -> None:
+        async for message in outbox:
+            await ws.send_message(encode(message))
+
+    async def _send(self, message: Message) -> None:
+        if self._outbox is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._outbox.send(message)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            await self._send(Heartbeat(in_flight=len(self._jobs)))
+
+    async def _watch_models(self) -> None:
+        while True:
+            await trio.sleep(self.model_refresh)
+            if await self.refresh_models():
+                await self._send(ModelsUpdate(models=list(self.models)))
+
+    async def _summaries(self) -> None:
+        while True:
+            await trio.sleep(self.summary_interval)
+            t = self.totals
+            money = ""
+            if self.earnings is not None:
+                e = self.earnings
+                money = (
+                    f"; earned {e.earned_msat // 1000} sats, held {e.held_msat // 1000},"
+                    f" paid {e.paid_msat // 1000}, pending {e.pending_msat // 1000}"
+                )
+            log.info(
+                "summary: %d jobs (%d failed, %d cancelled), %d tokens in, %d out%s",
+                t.jobs,
+                t.failed,
+                t.cancelled,
+                t.tokens_in,
+                t.tokens_out,
+                money,
+            )
+
+    async def _receiver(
+        self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery
+    ) -> None:
+        silence = max(3 * self.heartbeat_interval, 1.0)
+        while True:
+            with trio.fail_after(silence):
+                frame = await ws.get_message()
+            message = decode(frame)
+            if isinstance(message, Job):
+                if self.draining or len(self._busy) >= self.max_jobs:
+                    await self._send(JobError(message.job_id, "node is busy or draining", True))
+                elif message.model not in {m.name for m in self.models}:
+                    await self._send(JobError(message.job_id, "model not served here", True))
+                elif message.job_id in self._jobs:
+                    continue
+                else:
+                    scope = trio.CancelScope()
+                    self._jobs[message.job_id] = scope
+                    self._busy.add(message.job_id)
+                    self._idle = trio.Event() if self._idle.is_set() else self._idle
+                    nursery.start_soon(self._run_job, message, scope)
+            elif isinstance(message, Cancel):
+                running = self._jobs.get(message.job_id)
+                if running is not None:
+                    running.cancel()
+            elif isinstance(message, Earnings):
+                self.earnings = message
+                log.info(
+                    "earnings: %d sats earned, %d held, %d payable, %d paid, %d pending",
+                    message.earned_msat // 1000,
+                    message.held_msat // 1000,
+                    message.payable_msat // 1000,
+                    message.paid_msat // 1000,
+                    message.pending_msat // 1000,
+                )
+            elif isinstance(message, Drain):
+                log.info("the gateway is draining: %s", message.reason or "no reason given")
+            elif isinstance(message, Heartbeat):
+                pass
+            else:
+                raise ProtocolError(f"unexpected {message.type} message from the gateway")
+
+    async def _run_job(self, job: Job, scope: trio.CancelScope) -> None:
+        started = time.monotonic()
+        usage_in = usage_out = 0
+        outcome = "cancelled"
+        try:
+            with scope:
+                try:
+                    async with contextlib.aclosing(self.engine.serve(job)) as events:  # type: ignore[type-var]
+                        async for event in events:
+                            if isinstance(event, Finish):
+                                usage_in = (event.usage and event.usage.prompt_tokens) or 0
+                                usage_out = (event.usage and event.usage.completion_tokens) or 0
+                                self._busy.discard(job.job_id)
+                                await self._send(Done(job.job_id, event.finish_reason, event.usage))
+                                outcome = "done"
+                            else:
+                                await self._send(Chunk(job.job_id, event))
+                except EngineError as exc:
+                    outcome = "failed"
+                    self._busy.discard(job.job_id)
+                    await self._send(JobError(job.job_id, exc.message, exc.retryable))
+                except httpx.HTTPError as exc:
+                    outcome = "failed"
+                    log.warning("engine request failed: %s", type(exc).__name__)
+                    self._busy.discard(job.job_id)
+                    await self._send(JobError(job.job_id, "engine unreachable", True))
+        finally:
+            self._busy.discard(job.job_id)
+            del self._jobs[job.job_id]
+            if not self._jobs:
+                self._idle.set()
+            t = self.totals
+            if outcome == "done":
+                t.jobs += 1
+                t.tokens_in += usage_in
+                t.tokens_out += usage_out
+            elif outcome == "failed":
+                t.failed += 1
+            else:
+                t.cancelled += 1
+            log.info(
+                "job %s %s: model %s, %d tokens in, %d out, %.0f ms",
+                job.job_id,
+                outcome,
+                job.model,
+                usage_in,
+                usage_out,
+                (time.monotonic() - started) * 1000,
+            )
+
+    async def drain(self) -> None:
+        """Stop taking jobs, let in-flight ones finish (bounded), then end the session."""
+        self.draining = True
+        await self._send(Drain(reason="agent stopping"))
+        if self._jobs:
+            log.info("draining %d in-flight jobs (up to %gs)", len(self._jobs), self.drain_timeout)
+            with trio.move_on_after(self.drain_timeout):
+                await self._idle.wait()
+        for scope in list(self._jobs.values()):
+            scope.cancel()

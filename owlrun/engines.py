@@ -1,0 +1,303 @@
+"""Engine adapters: turn a job (an OpenAI body) into the engine's request and its
+streamed answer back into protocol deltas.
+
+Invariant: leaving the ``serve`` iterator early (a cancel) closes the engine's HTTP
+response at once, which is how Ollama, llama.cpp and vLLM learn to stop generating.
+Usage is the engine's own count when it gives one; otherwise the agent counts the
+content chunks it streamed (one chunk per token for llama.cpp-style servers), and
+says nothing it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import attrs
+import httpx
+
+from owlrun.errors import EngineError
+from owlrun.protocol import Delta, Job, ModelInfo, Usage
+
+
+@attrs.frozen
+class Finish:
+    finish_reason: str
+    usage: Usage | None
+
+
+Event = Delta | Finish
+
+
+class Engine(Protocol):
+    url: str
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    def serve(self, job: Job) -> AsyncIterator[Event]: ...
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 400:
+        # The body may echo the prompt: keep only the status in the error.
+        retryable = response.status_code >= 500 or response.status_code == 429
+        raise EngineError(f"{what}: engine answered HTTP {response.status_code}", retryable)
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def _images(content: Any) -> list[str]:
+    out: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url", "")
+                if isinstance(url, str) and url.startswith("data:") and "," in url:
+                    out.append(url.split(",", 1)[1])
+    return out
+
+
+@attrs.define(eq=False)
+class OllamaEngine:
+    """Ollama's native API: ``/api/tags``, ``/api/chat`` and ``/api/generate`` (NDJSON)."""
+
+    url: str
+    client: httpx.AsyncClient
+
+    async def list_models(self) -> list[ModelInfo]:
+        response = await self.client.get(f"{self.url}/api/tags")
+        _raise_for(response, "listing models")
+        models = []
+        for m in response.json().get("models", []):
+            details = m.get("details") or {}
+            models.append(
+                ModelInfo(
+                    name=str(m.get("name") or m.get("model")),
+                    family=str(details.get("family", "")),
+                    parameter_size=str(details.get("parameter_size", "")),
+                    quantization=str(details.get("quantization_level", "")),
+                )
+            )
+        return models
+
+    @staticmethod
+    def options(request: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        for ours, theirs in (
+            ("temperature", "temperature"),
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+            ("presence_penalty", "presence_penalty"),
+            ("frequency_penalty", "frequency_penalty"),
+        ):
+            if request.get(ours) is not None:
+                options[theirs] = request[ours]
+        limit = request.get("max_completion_tokens") or request.get("max_tokens")
+        if limit is not None:
+            options["num_predict"] = limit
+        stop = request.get("stop")
+        if stop is not None:
+            options["stop"] = [stop] if isinstance(stop, str) else stop
+        return options
+
+    @staticmethod
+    def messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for m in request["messages"]:
+            role = "system" if m["role"] == "developer" else m["role"]
+            message: dict[str, Any] = {"role": role, "content": _text(m.get("content"))}
+            images = _images(m.get("content"))
+            if images:
+                message["images"] = images
+            if m.get("tool_calls"):
+                calls = []
+                for call in m["tool_calls"]:
+                    fn = call.get("function") or {}
+                    args = fn.get("arguments")
+                    try:
+                        parsed = json.loads(args) if isinstance(args, str) else (args or {})
+                    except ValueError:
+                        parsed = {}
+                    calls.append({"function": {"name": fn.get("name", ""), "arguments": parsed}})
+                message["tool_calls"] = calls
+            if m.get("name") and role == "tool":
+                message["tool_name"] = m["name"]
+            out.append(message)
+        return out
+
+    def body(self, job: Job) -> tuple[str, dict[str, Any]]:
+        request = job.request
+        body: dict[str, Any] = {
+            "model": job.model,
+            "stream": True,
+            "options": self.options(request),
+        }
+        fmt = request.get("response_format") or {}
+        if fmt.get("type") == "json_object":
+            body["format"] = "json"
+        elif fmt.get("type") == "json_schema":
+            body["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
+        if job.kind == "completion":
+            prompt = request.get("prompt", "")
+            body["prompt"] = prompt if isinstance(prompt, str) else "".join(prompt)
+            if request.get("suffix"):
+                body["suffix"] = request["suffix"]
+            return "/api/generate", body
+        body["messages"] = self.messages(request)
+        if request.get("tools") and request.get("tool_choice") != "none":
+            body["tools"] = request["tools"]
+        return "/api/chat", body
+
+    async def serve(self, job: Job) -> AsyncIterator[Event]:
+        path, body = self.body(job)
+        tool_index = 0
+        async with self.client.stream("POST", f"{self.url}{path}", json=body) as response:
+            _raise_for(response, "generation")
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    raise EngineError("engine sent a line that is not JSON", True) from None
+                if data.get("error"):
+                    raise EngineError("engine reported an error mid-stream", False)
+                if job.kind == "completion":
+                    text = data.get("response") or ""
+                    if text:
+                        yield Delta(content=text)
+                else:
+                    message = data.get("message") or {}
+                    calls = []
+                    for call in message.get("tool_calls") or []:
+                        fn = call.get("function") or {}
+                        args = fn.get("arguments", {})
+                        calls.append(
+                            {
+                                "index": tool_index,
+                                "id": "call_" + secrets.token_hex(12),
+                                "type": "function",
+                                "function": {
+                                    "name": fn.get("name", ""),
+                                    "arguments": args
+                                    if isinstance(args, str)
+                                    else json.dumps(args),
+                                },
+                            }
+                        )
+                        tool_index += 1
+                    content = message.get("content") or ""
+                    if content or calls:
+                        yield Delta(content=content or None, tool_calls=calls or None)
+                if data.get("done"):
+                    reason = data.get("done_reason") or "stop"
+                    if tool_index and reason == "stop":
+                        reason = "tool_calls"
+                    usage = Usage(
+                        prompt_tokens=_count(data.get("prompt_eval_count")),
+                        completion_tokens=_count(data.get("eval_count")),
+                    )
+                    yield Finish(
+                        reason if reason in ("stop", "length", "tool_calls") else "stop", usage
+                    )
+                    return
+        raise EngineError("engine closed the stream before it was done", True)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+@attrs.define(eq=False)
+class OpenAIEngine:
+    """Any OpenAI-compatible server: llama.cpp, vLLM, LM Studio, Ollama's ``/v1``."""
+
+    url: str
+    client: httpx.AsyncClient
+    api_key: str = ""
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def list_models(self) -> list[ModelInfo]:
+        response = await self.client.get(f"{self.url}/v1/models", headers=self._headers())
+        _raise_for(response, "listing models")
+        return [
+            ModelInfo(name=str(m["id"]))
+            for m in response.json().get("data", [])
+            if isinstance(m, dict) and isinstance(m.get("id"), str)
+        ]
+
+    def body(self, job: Job) -> tuple[str, dict[str, Any]]:
+        body = dict(job.request)
+        body["model"] = job.model
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        limit = body.pop("max_completion_tokens", None) or body.get("max_tokens")
+        if limit is not None:
+            # Some servers ignore max_completion_tokens; every one honours max_tokens.
+            body["max_tokens"] = limit
+        body.pop("n", None)
+        path = "/v1/completions" if job.kind == "completion" else "/v1/chat/completions"
+        return path, body
+
+    async def serve(self, job: Job) -> AsyncIterator[Event]:
+        path, body = self.body(job)
+        counted = 0
+        finish: str | None = None
+        usage: Usage | None = None
+        async with self.client.stream(
+            "POST", f"{self.url}{path}", json=body, headers=self._headers()
+        ) as response:
+            _raise_for(response, "generation")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    data = json.loads(payload)
+                except ValueError:
+                    raise EngineError("engine sent an event that is not JSON", True) from None
+                if not isinstance(data, dict):
+                    continue
+                if data.get("error"):
+                    raise EngineError("engine reported an error mid-stream", False)
+                if isinstance(data.get("usage"), dict):
+                    usage = Usage(
+                        prompt_tokens=_count(data["usage"].get("prompt_tokens")),
+                        completion_tokens=_count(data["usage"].get("completion_tokens")),
+                    )
+                for choice in data.get("choices") or []:
+                    if job.kind == "completion":
+                        text = choice.get("text") or ""
+                        delta = Delta(content=text) if text else None
+                    else:
+                        d = choice.get("delta") or {}
+                        calls = d.get("tool_calls") or None
+                        text = d.get("content") or ""
+                        delta = (
+                            Delta(content=text or None, tool_calls=calls) if text or calls else None
+                        )
+                    if delta is not None:
+                        counted += 1
+                        yield delta
+                    if choice.get("finish_reason"):
+                        finish = str(choice["finish_reason"])
+        if finish is None:
+            raise EngineError("engine closed the stream before it was done", True)
+        if usage is None or usage.completion_tokens is None:
+            # No usage chunk (llama-cpp-python ignores include_usage): report what we streamed.
+            usage = Usage(
+                prompt_tokens=usage.prompt_tokens if usage else None, completion_tokens=counted
+            )
+        yield Finish(finish, usage)

@@ -1,0 +1,28 @@
+"""The agent's exceptions.
+
+Tree::
+
+    OwlrunError
+    ├── EngineError      the local engine failed a job (``retryable`` says if another node may try)
+    └── RefusedError     the gateway refused this node (wrong secret, banned, bad version)
+"""
+
+from __future__ import annotations
+
+
+class OwlrunError(Exception):
+    pass
+
+
+class EngineError(OwlrunError):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+class RefusedError(OwlrunError):
+    def __init__(self, reason: str, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable

@@ -1,0 +1,274 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI in, scheduler out.
+
+Invariants: authentication, limits, validation, money admission, model lookup and
+capacity are all decided before the response starts, so their errors are real HTTP
+statuses. Once streaming, an error is one ``data: {"error": ...}`` event and the
+stream ends without ``[DONE]`` or ``finish_reason: "stop"``. The view is a thin pump
+over the job's event channel; whatever ends the response (including the client
+leaving) cancels the job through its handle, and the scheduler settles it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from quart import Response, request
+
+from owlrun.protocol import Delta
+from routecat import errors
+from routecat.app import json_response, read_json
+from routecat.gateway import Gateway
+from routecat.scheduler import Bill, Failure, Final, JobHandle, JobSpec, mint_job_id
+from routecat.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
+from routecat.usage import prompt_bound
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def wire_request(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int
+) -> dict[str, Any]:
+    """The body the node receives: the client's, validated, with max_tokens applied."""
+    data = {k: v for k, v in converter.unstructure(body).items() if v is not None}
+    for field in ("stream", "stream_options", "n", "max_completion_tokens", "echo"):
+        data.pop(field, None)
+    if "messages" in data:
+        data["messages"] = [{k: v for k, v in m.items() if v is not None} for m in data["messages"]]
+    data["max_tokens"] = max_tokens
+    return data
+
+
+def usage_body(bill: Bill) -> dict[str, int]:
+    return {
+        "prompt_tokens": bill.prompt_tokens,
+        "completion_tokens": bill.completion_tokens,
+        "total_tokens": bill.prompt_tokens + bill.completion_tokens,
+        "cost_msat": bill.cost_msat,
+    }
+
+
+async def open_job(
+    gw: Gateway, kind: str
+) -> tuple[JobHandle, ChatCompletionRequest | CompletionRequest]:
+    key = await gw.keys.authenticate(request.headers.get("Authorization"))
+    gw.request_limit.acquire_nowait(f"key:{key.id}")
+    cls: type[ChatCompletionRequest | CompletionRequest] = (
+        ChatCompletionRequest if kind == "chat" else CompletionRequest
+    )
+    body = parse_request(cls, await read_json())
+    if body.n is not None and body.n != 1:
+        raise errors.InvalidRequest("only n=1 is supported", param="n")
+    if isinstance(body, CompletionRequest) and body.echo:
+        raise errors.InvalidRequest("echo is not supported", param="echo")
+    gw.scheduler.check_model(body.model)
+    max_tokens = body.requested_max_tokens or gw.config.default_max_tokens
+    wire = wire_request(body, max_tokens)
+    spec = JobSpec(
+        job_id=mint_job_id(kind),
+        kind=kind,
+        model=body.model,
+        request=wire,
+        stream=body.stream,
+        key_id=key.id,
+        max_tokens=max_tokens,
+        prompt_bound=prompt_bound(kind, wire),
+    )
+    spec = await gw.admit(spec)
+    try:
+        handle = await gw.scheduler.submit(spec)
+    except BaseException:
+        await gw.release(spec)
+        raise
+    return handle, body
+
+
+class _Shape:
+    """Builds OpenAI chunk and response objects for one job."""
+
+    def __init__(self, handle: JobHandle, kind: str) -> None:
+        self.id = handle.spec.job_id
+        self.model = handle.spec.model
+        self.kind = kind
+        self.created = int(time.time())
+        self.role_sent = False
+
+    def chunk(self, delta: Delta | None, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.kind == "completion":
+            return {
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": (delta.content or "") if delta else "",
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+            }
+        out: dict[str, Any] = {}
+        if not self.role_sent:
+            out["role"] = "assistant"
+            self.role_sent = True
+        if delta is not None:
+            if delta.content is not None:
+                out["content"] = delta.content
+            if delta.tool_calls:
+                out["tool_calls"] = delta.tool_calls
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "delta": out, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+
+    def usage_chunk(self, bill: Bill) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_body(bill),
+        }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_response(
+    gw: Gateway, handle: JobHandle, body: ChatCompletionRequest | CompletionRequest
+) -> Response:
+    shape = _Shape(handle, handle.spec.kind)
+    include_usage = body.include_usage
+    keepalive = gw.config.keepalive_interval
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                with trio.move_on_after(keepalive) as timer:
+                    try:
+                        event = await handle.events.receive()
+                    except trio.EndOfChannel:
+                        # The job ended without a final event (shutdown): no [DONE].
+                        error = errors.ServiceUnavailable(
+                            "the gateway stopped the job", retry_after=5
+                        )
+                        yield _sse(error.body())
+                        return
+                if timer.cancelled_caught:
+                    yield b": ping\n\n"
+                    continue
+                if isinstance(event, Delta):
+                    chunk = shape.chunk(event)
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+                elif isinstance(event, Final):
+                    chunk = shape.chunk(None, event.finish_reason)
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+                    if include_usage:
+                        yield _sse(shape.usage_chunk(event.bill))
+                    yield b"data: [DONE]\n\n"
+                    return
+                elif isinstance(event, Failure):
+                    yield _sse(event.error.body())
+                    return
+        finally:
+            handle.cancel_nowait("client_gone")
+
+    response = Response(events(), status=200, content_type="text/event-stream", headers=SSE_HEADERS)
+    response.timeout = None
+    return response
+
+
+async def collect_response(
+    handle: JobHandle, body: ChatCompletionRequest | CompletionRequest
+) -> Response:
+    shape = _Shape(handle, handle.spec.kind)
+    text: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    try:
+        async for event in handle.events:
+            if isinstance(event, Delta):
+                if event.content:
+                    text.append(event.content)
+                for call in event.tool_calls or ():
+                    index = call.get("index", len(calls))
+                    slot = calls.setdefault(
+                        index if isinstance(index, int) else len(calls),
+                        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                    )
+                    if call.get("id"):
+                        slot["id"] = call["id"]
+                    fn = call.get("function") or {}
+                    if fn.get("name"):
+                        slot["function"]["name"] += str(fn["name"])
+                    if fn.get("arguments"):
+                        slot["function"]["arguments"] += str(fn["arguments"])
+            elif isinstance(event, Final):
+                return _complete(shape, "".join(text), calls, event)
+            elif isinstance(event, Failure):
+                raise event.error
+    finally:
+        handle.cancel_nowait("client_gone")
+    raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
+
+
+def _complete(shape: _Shape, text: str, calls: dict[int, dict[str, Any]], final: Final) -> Response:
+    if shape.kind == "completion":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": final.finish_reason,
+        }
+        obj = "text_completion"
+    else:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text if text or not calls else None,
+        }
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        message["refusal"] = None
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": final.finish_reason,
+        }
+        obj = "chat.completion"
+    body = {
+        "id": shape.id,
+        "object": obj,
+        "created": shape.created,
+        "model": shape.model,
+        "system_fingerprint": None,
+        "choices": [choice],
+        "usage": usage_body(final.bill),
+    }
+    return json_response(body, headers={"X-RouteCat-Cost-Msat": str(final.bill.cost_msat)})
+
+
+async def serve_completion(gw: Gateway, kind: str) -> Response:
+    handle, body = await open_job(gw, kind)
+    if body.stream:
+        return stream_response(gw, handle, body)
+    return await collect_response(handle, body)

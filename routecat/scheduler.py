@@ -1,0 +1,437 @@
+"""The scheduler: picks a node, runs the job in one cancel scope, fails over, settles once.
+
+Invariants:
+- Admission (model known, a node with a free slot, or a bounded wait for one) is
+  decided in ``submit``, before any response starts, so 404/503 are real statuses.
+- Each job runs as one task in the scheduler's own nursery, inside one cancel scope.
+  Whatever ends it (done, client gone, node gone, timeout, shutdown), the completion
+  hook runs exactly once, shielded, with what the job observed.
+- A failure before the first token is retried on another node (bounded attempts);
+  after the first token it is final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import string
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from owlrun.protocol import Chunk, Delta, Done, Job, JobError, Usage
+from routecat.config import Config
+from routecat.errors import ApiError, ServiceUnavailable, UpstreamError
+from routecat.metrics import Metrics
+from routecat.nodes import Attempt, NodeLink, Registry
+
+log = logging.getLogger("routecat.scheduler")
+
+_ALPHABET = string.ascii_letters + string.digits
+SETTLE_TIMEOUT = 30.0
+CLIENT_STALL_TIMEOUT = 300.0
+
+
+def mint_job_id(kind: str) -> str:
+    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(29))
+
+
+@attrs.frozen
+class JobSpec:
+    """Everything the scheduler and the completion hook need to know about a request."""
+
+    job_id: str
+    kind: str  # "chat" or "completion"
+    model: str
+    request: dict[str, Any]  # the body sent to the node, max_tokens applied
+    stream: bool
+    key_id: int
+    max_tokens: int
+    prompt_bound: int
+    admission: Any = None  # the money layer's admission (reservation, free slot, rate)
+
+
+@attrs.frozen
+class JobResult:
+    """What a finished job observed; the completion hook's input."""
+
+    spec: JobSpec
+    outcome: str  # done, client_gone, node_failed, timeout, shutdown, no_capacity
+    node_id: str | None
+    finish_reason: str | None
+    reported: Usage | None
+    delivered_chunks: int
+    delivered_bytes: int
+    attempts: int
+    failed_nodes: tuple[str, ...]
+    started_at: float  # wall clock
+    duration: float
+    ttft: float | None
+
+    @property
+    def delivered(self) -> bool:
+        return self.delivered_chunks > 0
+
+
+@attrs.frozen
+class Bill:
+    """What the hook decided: the usage shown to the client is the usage billed."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_msat: int = 0
+
+
+@attrs.frozen
+class Final:
+    finish_reason: str
+    bill: Bill
+
+
+@attrs.frozen
+class Failure:
+    error: ApiError
+
+
+Event = Delta | Final | Failure
+CompletionHook = Callable[[JobResult], Awaitable[Bill]]
+
+
+class _NodeFailed(Exception):
+    def __init__(
+        self, reason: str, retryable: bool, blame: bool = True, outcome: str = "node_failed"
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.blame = blame
+        self.outcome = outcome
+
+
+@attrs.define(eq=False)
+class JobHandle:
+    """The view's side of a running job: a stream of events and a way to cancel."""
+
+    spec: JobSpec
+    events: trio.MemoryReceiveChannel[Event]
+    _send: trio.MemorySendChannel[Event]
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    cancel_reason: str | None = None
+    finished: trio.Event = attrs.Factory(trio.Event)
+    result: JobResult | None = None
+
+    def cancel_nowait(self, reason: str) -> None:
+        """Stop the job (client gone). A no-op once it has finished."""
+        if self.cancel_reason is None and not self.finished.is_set():
+            self.cancel_reason = reason
+            self.scope.cancel()
+        self.events.close()
+
+
+@attrs.define
+class _Progress:
+    node: NodeLink | None = None
+    attempt: Attempt | None = None
+    attempts: int = 0
+    failed_nodes: list[str] = attrs.Factory(list)
+    chunks: int = 0
+    bytes: int = 0
+    first_token_at: float | None = None
+    done: Done | None = None
+    outcome: str | None = None
+
+
+def _delta_bytes(delta: Delta) -> int:
+    total = len(delta.content.encode()) if delta.content else 0
+    for call in delta.tool_calls or ():
+        fn = call.get("function") or {}
+        total += len(str(fn.get("arguments") or "").encode()) + len(
+            str(fn.get("name") or "").encode()
+        )
+    return total
+
+
+@attrs.define(eq=False)
+class Scheduler:
+    config: Config
+    registry: Registry
+    metrics: Metrics
+    on_complete: CompletionHook
+    clock: Callable[[], float] = trio.current_time
+    jobs: dict[str, JobHandle] = attrs.Factory(dict)
+    accepting: bool = True
+    waiting: int = 0
+    completed: int = 0
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def statistics(self) -> dict[str, int]:
+        return {"in_flight": len(self.jobs), "waiting": self.waiting, "completed": self.completed}
+
+    async def drain(self, grace: float) -> None:
+        """Take no new jobs; wait up to ``grace`` seconds for in-flight ones."""
+        self.accepting = False
+        self.registry.changed()
+        with trio.move_on_after(grace):
+            while self.jobs:
+                await next(iter(self.jobs.values())).finished.wait()
+
+    # -- admission --
+
+    def check_model(self, model: str) -> None:
+        from routecat.errors import NotFound
+
+        if not self.registry.is_known(model):
+            raise NotFound(
+                f"model '{model}' does not exist on this network; see GET /v1/models",
+                code="model_not_found",
+                param="model",
+            )
+
+    async def _acquire(self, spec: JobSpec, exclude: list[str], deadline: float) -> Attempt:
+        """A slot on the best node for ``spec.model``, waiting (bounded) when all are busy."""
+        if not self.accepting:
+            raise ServiceUnavailable("the gateway is shutting down", retry_after=5)
+        node = self.registry.pick(spec.model, exclude)
+        if node is not None:
+            return node.open_attempt(spec.job_id)
+        if not [n for n in self.registry.serving(spec.model) if n.id not in exclude]:
+            raise ServiceUnavailable(
+                f"no node serving '{spec.model}' is online right now", retry_after=10
+            )
+        if self.waiting >= self.config.queue_max:
+            raise ServiceUnavailable("every node is busy and the wait queue is full", retry_after=5)
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            with trio.move_on_at(deadline):
+                while True:
+                    await self.registry.wait_changed()
+                    if not self.accepting:
+                        break
+                    node = self.registry.pick(spec.model, exclude)
+                    if node is not None:
+                        return node.open_attempt(spec.job_id)
+                    if not [n for n in self.registry.serving(spec.model) if n.id not in exclude]:
+                        raise ServiceUnavailable(
+                            f"no node serving '{spec.model}' is online right now", retry_after=10
+                        )
+        finally:
+            self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
+        raise ServiceUnavailable(
+            f"every node serving '{spec.model}' stayed busy for {self.config.queue_timeout:g}s",
+            retry_after=max(1, math.ceil(self.config.queue_timeout / 6)),
+        )
+
+    async def submit(self, spec: JobSpec) -> JobHandle:
+        """Admit the job (or raise 404/503) and start it; the caller owns the handle."""
+        self.check_model(spec.model)
+        assert self._nursery is not None, "scheduler not running"
+        attempt = await self._acquire(spec, [], self.clock() + self.config.queue_timeout)
+        send, receive = trio.open_memory_channel[Event](64)
+        handle = JobHandle(spec, receive, send)
+        self.jobs[spec.job_id] = handle
+        self.metrics.jobs_in_flight.set(len(self.jobs))
+        self._nursery.start_soon(self._run, handle, attempt)
+        return handle
+
+    # -- the job --
+
+    async def _run(self, handle: JobHandle, attempt: Attempt) -> None:
+        spec = handle.spec
+        progress = _Progress()
+        started_wall = time.time()
+        started = self.clock()
+        try:
+            with handle.scope:
+                await self._attempts(handle, attempt, progress, started)
+        finally:
+            with trio.CancelScope(shield=True):
+                self._release(progress)
+                outcome = progress.outcome or self._ending(handle)
+                result = JobResult(
+                    spec=spec,
+                    outcome=outcome,
+                    node_id=progress.node.id if progress.node else None,
+                    finish_reason=progress.done.finish_reason if progress.done else None,
+                    reported=progress.done.usage if progress.done else None,
+                    delivered_chunks=progress.chunks,
+                    delivered_bytes=progress.bytes,
+                    attempts=progress.attempts,
+                    failed_nodes=tuple(progress.failed_nodes),
+                    started_at=started_wall,
+                    duration=self.clock() - started,
+                    ttft=None
+                    if progress.first_token_at is None
+                    else progress.first_token_at - started,
+                )
+                handle.result = result
+                bill: Bill | None = None
+                with trio.move_on_after(SETTLE_TIMEOUT) as settle_timer:
+                    bill = await self.on_complete(result)
+                if settle_timer.cancelled_caught:
+                    log.error("settling job %s took over %gs", spec.job_id, SETTLE_TIMEOUT)
+                self.completed += 1
+                self.metrics.jobs.labels(spec.model, outcome).inc()
+                if outcome == "done" and bill is not None and progress.done is not None:
+                    with trio.move_on_after(CLIENT_STALL_TIMEOUT):
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await handle._send.send(Final(progress.done.finish_reason, bill))
+                handle._send.close()
+                del self.jobs[spec.job_id]
+                self.metrics.jobs_in_flight.set(len(self.jobs))
+                handle.finished.set()
+
+    def _ending(self, handle: JobHandle) -> str:
+        if handle.cancel_reason is not None:
+            return handle.cancel_reason
+        return "shutdown"
+
+    def _release(self, progress: _Progress) -> None:
+        """Free the node slot of the current attempt, cancelling it on the node if unfinished."""
+        attempt = progress.attempt
+        if attempt is None:
+            return
+        node = attempt.node
+        if node.attempts.get(attempt.job_id) is attempt:
+            del node.attempts[attempt.job_id]
+            if progress.done is None and attempt.failure is None:
+                node.cancel_nowait(attempt.job_id, "cancelled by the gateway")
+        attempt.send.close()
+        progress.attempt = None
+        self.registry.changed()
+
+    async def _attempts(
+        self, handle: JobHandle, attempt: Attempt, progress: _Progress, started: float
+    ) -> None:
+        spec = handle.spec
+        deadline = started + self.config.queue_timeout
+        while True:
+            progress.attempt = attempt
+            progress.node = attempt.node
+            progress.attempts += 1
+            job = Job(job_id=spec.job_id, kind=spec.kind, model=spec.model, request=spec.request)  # type: ignore[arg-type]
+            try:
+                if not attempt.node.send_nowait(job):
+                    raise _NodeFailed("node went away", retryable=True)
+                await self._pump(handle, attempt, progress)
+                self._succeeded(attempt.node, progress, started)
+                progress.outcome = "done"
+                return
+            except _NodeFailed as failure:
+                node = attempt.node
+                self._release(progress)
+                if failure.blame:
+                    self._cool_down(node, failure.reason)
+                progress.failed_nodes.append(node.id)
+                log.warning("job %s failed on node %s: %s", spec.job_id, node.id, failure.reason)
+                if (
+                    progress.chunks
+                    or not failure.retryable
+                    or progress.attempts >= self.config.max_attempts
+                ):
+                    progress.outcome = failure.outcome
+                    await self._fail(handle, progress, failure)
+                    return
+                try:
+                    attempt = await self._acquire(
+                        spec, progress.failed_nodes, max(deadline, self.clock() + 5)
+                    )
+                except ServiceUnavailable as exc:
+                    progress.outcome = "no_capacity"
+                    await self._emit(handle, Failure(exc))
+                    return
+
+    async def _fail(self, handle: JobHandle, progress: _Progress, failure: _NodeFailed) -> None:
+        if progress.chunks:
+            error: ApiError = UpstreamError(
+                f"the provider node failed after output started: {failure.reason}"
+            )
+        elif failure.retryable:
+            error = ServiceUnavailable(
+                f"no node could serve the request: {failure.reason}", retry_after=5
+            )
+        else:
+            error = UpstreamError(
+                f"the provider node could not serve the request: {failure.reason}"
+            )
+        await self._emit(handle, Failure(error))
+
+    async def _emit(self, handle: JobHandle, event: Event) -> None:
+        """Hand an event to the view; a view gone or stalled for minutes means the client is gone."""
+        with trio.move_on_after(CLIENT_STALL_TIMEOUT) as timer:
+            try:
+                await handle._send.send(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                handle.cancel_reason = handle.cancel_reason or "client_gone"
+                handle.scope.cancel()
+        if timer.cancelled_caught:
+            handle.cancel_reason = handle.cancel_reason or "client_gone"
+            handle.scope.cancel()
+
+    async def _pump(self, handle: JobHandle, attempt: Attempt, progress: _Progress) -> None:
+        first = progress.chunks == 0
+        while True:
+            timeout = self.config.first_token_timeout if first else self.config.inter_token_timeout
+            with trio.move_on_after(timeout) as timer:
+                try:
+                    frame = await attempt.inbox.receive()
+                except trio.EndOfChannel:
+                    raise _NodeFailed(
+                        attempt.failure or "node disconnected", retryable=True
+                    ) from None
+            if timer.cancelled_caught:
+                which = "first-token" if first else "inter-token"
+                raise _NodeFailed(
+                    f"{which} timeout ({timeout:g}s)", retryable=True, outcome="timeout"
+                )
+            if isinstance(frame, Chunk):
+                delta = frame.delta
+                if not delta.content and not delta.tool_calls:
+                    continue
+                if first:
+                    progress.first_token_at = self.clock()
+                    first = False
+                progress.chunks += 1
+                progress.bytes += _delta_bytes(delta)
+                await self._emit(handle, delta)
+            elif isinstance(frame, Done):
+                progress.done = frame
+                return
+            elif isinstance(frame, JobError):
+                raise _NodeFailed(
+                    f"node reported: {frame.message[:200]}",
+                    retryable=frame.retryable,
+                    blame=not frame.retryable,
+                )
+
+    def _succeeded(self, node: NodeLink, progress: _Progress, started: float) -> None:
+        node.failures = 0
+        node.jobs_done += 1
+        now = self.clock()
+        ttft = None if progress.first_token_at is None else progress.first_token_at - started
+        tokens = (
+            progress.done.usage.completion_tokens if progress.done and progress.done.usage else None
+        )
+        generating = now - progress.first_token_at if progress.first_token_at else 0.0
+        node.observe(ttft, tokens or progress.chunks, generating)
+
+    def _cool_down(self, node: NodeLink, reason: str) -> None:
+        node.failures += 1
+        pause = min(300.0, 5.0 * 2 ** (node.failures - 1))
+        node.cooldown_until = self.clock() + pause
+        log.info("node %s cooling down %.0fs after: %s", node.id, pause, reason)

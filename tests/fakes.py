@@ -1,0 +1,334 @@
+"""Local servers that speak real engines' documented wire formats, with knobs.
+
+``FakeEngine`` serves both Ollama's native API (``/api/tags``, ``/api/chat``,
+``/api/generate``, NDJSON streams) and the OpenAI API (``/v1/models``,
+``/v1/chat/completions``, ``/v1/completions``, SSE). By default a chat reply is
+``"You said: <last user message>"`` split into word tokens, so every concurrent
+client can check its own answer. Knobs make it slow, stall, crash mid-stream, call
+tools, or lie about usage; it records every request it saw and every one whose
+client went away before the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+
+@attrs.define
+class Knobs:
+    delay: float = 0.0  # seconds between tokens
+    first_delay: float = 0.0  # seconds before the first token
+    stall_after: int | None = None  # stop sending (but keep the connection) after N tokens
+    crash_after: int | None = None  # drop the connection after N tokens
+    fail_status: int | None = None  # answer this HTTP status instead
+    tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": {...}}
+    reply: list[str] | None = None  # fixed reply tokens
+    repeat: int = 1  # the reply repeated this many times
+    report_factor: float = 1.0  # multiply reported completion tokens (a cheating engine)
+    report_usage: bool = True
+    models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
+
+
+@attrs.define(eq=False)
+class FakeEngine:
+    knobs: Knobs = attrs.Factory(Knobs)
+    requests: list[dict[str, Any]] = attrs.Factory(list)
+    active: int = 0
+    aborted: list[float] = attrs.Factory(list)  # when each abort was seen (monotonic)
+    finished: int = 0
+    url: str = ""
+
+    def reply_tokens(self, body: dict[str, Any], kind: str) -> list[str]:
+        if self.knobs.reply is not None:
+            base = list(self.knobs.reply)
+        elif kind == "completion":
+            prompt = body.get("prompt", "")
+            base = ["Completion", " of:", *[" " + w for w in str(prompt).split()]]
+        else:
+            last = ""
+            for m in body.get("messages", []):
+                if m.get("role") == "user":
+                    content = m.get("content")
+                    last = content if isinstance(content, str) else json.dumps(content)
+            words = last.split()
+            base = ["You", " said:", *[" " + w for w in words]]
+        return base * self.knobs.repeat
+
+    def app(self) -> QuartTrio:
+        app = QuartTrio("fake-engine")
+        engine = self
+
+        @app.get("/api/tags")
+        async def tags() -> Any:
+            return {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "details": {
+                            "family": "llama",
+                            "parameter_size": "8B",
+                            "quantization_level": "Q4_0",
+                        },
+                    }
+                    for m in engine.knobs.models
+                ]
+            }
+
+        @app.get("/v1/models")
+        async def models() -> Any:
+            return {
+                "object": "list",
+                "data": [{"id": m, "object": "model"} for m in engine.knobs.models],
+            }
+
+        @app.post("/api/chat")
+        async def ollama_chat() -> Any:
+            return await engine.serve(await request.get_json(), "chat", "ollama")
+
+        @app.post("/api/generate")
+        async def ollama_generate() -> Any:
+            return await engine.serve(await request.get_json(), "completion", "ollama")
+
+        @app.post("/v1/chat/completions")
+        async def openai_chat() -> Any:
+            return await engine.serve(await request.get_json(), "chat", "openai")
+
+        @app.post("/v1/completions")
+        async def openai_completions() -> Any:
+            return await engine.serve(await request.get_json(), "completion", "openai")
+
+        return app
+
+    async def serve(self, body: dict[str, Any], kind: str, dialect: str) -> Any:
+        self.requests.append(body)
+        k = self.knobs
+        if k.fail_status is not None:
+            return Response(json.dumps({"error": "failing on purpose"}), status=k.fail_status)
+        tokens = self.reply_tokens(body, kind)
+        limit = body.get("max_tokens") or (body.get("options") or {}).get("num_predict")
+        finish = "stop"
+        if isinstance(limit, int) and len(tokens) > limit:
+            tokens, finish = tokens[:limit], "length"
+        prompt_tokens = (
+            sum(len(str(m.get("content", "")).split()) + 4 for m in body.get("messages", []))
+            or len(str(body.get("prompt", "")).split()) + 1
+        )
+        completion_tokens = round(len(tokens) * k.report_factor)
+        stream = body.get("stream", dialect == "ollama")
+        if dialect == "openai" and not stream:
+            await trio.sleep(k.first_delay + k.delay * len(tokens))
+            text = "".join(tokens)
+            choice: dict[str, Any] = (
+                {"index": 0, "text": text, "finish_reason": finish}
+                if kind == "completion"
+                else {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
+            )
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        gen = self._stream(body, kind, dialect, tokens, finish, prompt_tokens, completion_tokens)
+        response = Response(
+            gen, content_type="application/x-ndjson" if dialect == "ollama" else "text/event-stream"
+        )
+        response.timeout = None
+        return response
+
+    async def _stream(
+        self,
+        body: dict[str, Any],
+        kind: str,
+        dialect: str,
+        tokens: list[str],
+        finish: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> AsyncIterator[bytes]:
+        k = self.knobs
+        self.active += 1
+        complete = False
+        try:
+            await trio.sleep(k.first_delay)
+            for i, token in enumerate(tokens):
+                if k.crash_after is not None and i >= k.crash_after:
+                    raise RuntimeError("engine crashed on purpose")
+                if k.stall_after is not None and i >= k.stall_after:
+                    await trio.sleep_forever()
+                if i:
+                    await trio.sleep(k.delay)
+                yield self._frame(dialect, kind, body, content=token)
+            if k.tool_call is not None and kind == "chat":
+                yield self._frame(dialect, kind, body, tool_call=k.tool_call)
+                finish = "tool_calls"
+            yield self._final(dialect, kind, body, finish, prompt_tokens, completion_tokens)
+            if dialect == "openai":
+                yield b"data: [DONE]\n\n"
+            complete = True
+        finally:
+            self.active -= 1
+            if complete:
+                self.finished += 1
+            else:
+                self.aborted.append(time.monotonic())
+
+    def _frame(
+        self,
+        dialect: str,
+        kind: str,
+        body: dict[str, Any],
+        content: str = "",
+        tool_call: dict[str, Any] | None = None,
+    ) -> bytes:
+        if dialect == "ollama":
+            if kind == "completion":
+                return (
+                    json.dumps(
+                        {"model": body["model"], "response": content, "done": False}
+                    ).encode()
+                    + b"\n"
+                )
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if tool_call is not None:
+                message["tool_calls"] = [
+                    {"function": {"name": tool_call["name"], "arguments": tool_call["arguments"]}}
+                ]
+            return (
+                json.dumps({"model": body["model"], "message": message, "done": False}).encode()
+                + b"\n"
+            )
+        if kind == "completion":
+            data: dict[str, Any] = {
+                "choices": [{"index": 0, "text": content, "finish_reason": None}]
+            }
+        elif tool_call is not None:
+            data = {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "call_fake1",
+                                    "type": "function",
+                                    "function": {
+                                        "name": tool_call["name"],
+                                        "arguments": json.dumps(tool_call["arguments"]),
+                                    },
+                                }
+                            ]
+                        },
+                        "finish_reason": None,
+                    }
+                ]
+            }
+        else:
+            data = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    def _final(
+        self,
+        dialect: str,
+        kind: str,
+        body: dict[str, Any],
+        finish: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> bytes:
+        k = self.knobs
+        if dialect == "ollama":
+            final: dict[str, Any] = {
+                "model": body["model"],
+                "done": True,
+                "done_reason": "length" if finish == "length" else "stop",
+            }
+            if kind == "chat":
+                final["message"] = {"role": "assistant", "content": ""}
+            else:
+                final["response"] = ""
+            if k.report_usage:
+                final["prompt_eval_count"] = prompt_tokens
+                final["eval_count"] = completion_tokens
+            return json.dumps(final).encode() + b"\n"
+        out = b""
+        if kind == "completion":
+            out += (
+                b"data: "
+                + json.dumps(
+                    {"choices": [{"index": 0, "text": "", "finish_reason": finish}]}
+                ).encode()
+                + b"\n\n"
+            )
+        else:
+            out += (
+                b"data: "
+                + json.dumps(
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+                ).encode()
+                + b"\n\n"
+            )
+        wants_usage = (body.get("stream_options") or {}).get("include_usage")
+        if k.report_usage and wants_usage:
+            out += (
+                b"data: "
+                + json.dumps(
+                    {
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                        },
+                    }
+                ).encode()
+                + b"\n\n"
+            )
+        return out
+
+
+async def serve_app(
+    app: QuartTrio, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve a Quart-Trio app on 127.0.0.1, port 0, until cancelled."""
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    binds: list[str] = []
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn.trio.serve(app, config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        task_status.started(binds[0])
+
+
+async def start_engine(nursery: trio.Nursery, knobs: Knobs | None = None) -> FakeEngine:
+    engine = FakeEngine(knobs or Knobs())
+    engine.url = await nursery.start(functools.partial(serve_app, engine.app()))
+    return engine

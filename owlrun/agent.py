@@ -167,6 +167,7 @@ class Agent:
     earnings: Earnings | None = None
     totals: Totals = attrs.Factory(Totals)
     connected: bool = False
+    sessions: int = 0
     draining: bool = False
     _jobs: dict[str, trio.CancelScope] = attrs.Factory(dict)
     _outbox: trio.MemorySendChannel[Message] | None = None
@@ -259,6 +260,7 @@ class Agent:
             self.heartbeat_interval = reply.heartbeat_interval
             self.connected = True
             self._welcomed = True
+            self.sessions += 1
             log.info(
                 "connected to %s as %s (payout threshold %d sats)",
                 self.gateway,

@@ -89,6 +89,14 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
         ],
     ),
     ("db", "database maintenance", [("backup", "online backup of the SQLite file", ["target"])]),
+    (
+        "nodes",
+        "provider nodes",
+        [
+            ("list", "live nodes: models, load, speed, health (needs the running gateway)", []),
+            ("ban", "ban a node id (and disconnect it if online)", ["node_id", "reason"]),
+        ],
+    ),
 ]
 
 
@@ -139,10 +147,48 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
+    from routecat.admin import admin_call
+    from routecat.server import open_store
+
+    if args.action == "list":
+        data = admin_call(config.database, "GET", "/nodes")
+        print(f"{data['nodes_online']} nodes online, {data['in_flight']} jobs in flight")
+        for n in data["nodes"]:
+            state = "draining" if n["draining"] else ("cooling" if n["cooling_down_s"] else "ok")
+            print(
+                f"{n['id']:24} {state:8} load {n['in_flight']}/{n['capacity']}"
+                f"  ttft {n['ttft_ms']} ms  {n['tokens_per_s']} tok/s"
+                f"  seen {n['last_seen_s']}s ago  models: {', '.join(n['models'])}"
+            )
+        return 0
+    store = open_store(config)
+    try:
+
+        def ban(db: Any) -> int:
+            cursor = db.conn.execute(
+                "UPDATE nodes SET banned_at = ?, ban_reason = ? WHERE id = ?",
+                (keys_mod.now_iso(), args.reason, args.node_id),
+            )
+            return int(cursor.rowcount)
+
+        if not store.write_sync(ban):
+            raise LookupError(f"no node {args.node_id} has ever connected")
+    finally:
+        store.close()
+    try:
+        admin_call(config.database, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"})
+    except LookupError:
+        pass  # offline or not connected: the ban holds at its next hello
+    print(f"banned {args.node_id}: {args.reason}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "keys": cmd_keys,
     "db": cmd_db,
+    "nodes": cmd_nodes,
 }
 
 

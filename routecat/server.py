@@ -8,8 +8,10 @@ HTTP with nothing behind it); a stop request drains in-flight requests for at mo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -20,6 +22,7 @@ import trio
 
 from ledger.store import Store
 from routecat import tables
+from routecat.admin import create_admin_app, prepare_socket, secure_socket, socket_path
 from routecat.app import create_app
 from routecat.config import Config
 from routecat.gateway import Gateway
@@ -80,6 +83,8 @@ async def serve_gateway(
                 nursery.cancel_scope.cancel()
 
             binds: list[str] = await nursery.start(serve_http)
+            if config.admin:
+                await nursery.start(serve_admin, gw, stop)
             url = binds[0].replace("0.0.0.0", "127.0.0.1")
             gw.ready = True
             log.info("RouteCat %s (%s) listening on %s", gw.version, gw.commit, url)
@@ -92,6 +97,36 @@ async def serve_gateway(
     finally:
         store.close()
     log.info("stopped")
+
+
+async def serve_admin(
+    gw: Gateway, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The operator's endpoint on a 0600 Unix socket next to the database."""
+    path = socket_path(gw.config.database)
+    prepare_socket(path)
+    hc = hypercorn.config.Config()
+    hc.bind = [f"unix:{path}"]
+    hc.accesslog = None
+    hc.graceful_timeout = 1
+    old_umask = os.umask(0o177)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    hypercorn.trio.serve,
+                    create_admin_app(gw),
+                    hc,
+                    shutdown_trigger=stop.wait,
+                )
+            )
+            os.umask(old_umask)
+            await secure_socket(path)
+            task_status.started()
+    finally:
+        os.umask(old_umask)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 async def watch_signals(stop: trio.Event) -> None:

@@ -89,6 +89,7 @@ import secrets  # noqa: E402
 
 from owlrun.agent import Agent  # noqa: E402
 from owlrun.engines import OllamaEngine, OpenAIEngine  # noqa: E402
+from owlrun.errors import RefusedError  # noqa: E402
 from owlrun.identity import Identity  # noqa: E402
 from tests.fakes import FakeEngine, Knobs, start_engine  # noqa: E402
 
@@ -98,6 +99,7 @@ class Node:
     agent: Agent
     scope: trio.CancelScope
     stopped: trio.Event
+    refused: list[RefusedError]
 
     @property
     def id(self) -> str:
@@ -138,17 +140,22 @@ async def start_node(
     )
     scope = trio.CancelScope()
     stopped = trio.Event()
+    refused: list[RefusedError] = []
 
     async def run(*, task_status: trio.TaskStatus[None]) -> None:
         try:
             with scope:
                 async with client:
                     await agent.run(task_status=task_status)
+        except RefusedError as exc:
+            if not agent.sessions:
+                raise
+            refused.append(exc)  # refused on a reconnect: the test looks at it
         finally:
             stopped.set()
 
     await nursery.start(run)
-    return Node(agent, scope, stopped)
+    return Node(agent, scope, stopped, refused)
 
 
 def network_config(tmp_path: Path, **overrides: Any) -> Config:

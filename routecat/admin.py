@@ -1,0 +1,105 @@
+"""The admin endpoint: operator commands that need the running process.
+
+Invariant: it listens only on a Unix socket next to the database, mode 0600, so only
+the operator's user can reach it, never the network. It is a separate app from the
+public one, so no public route can ever lead to it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from routecat.app import error_response, json_response
+from routecat.errors import ApiError, InvalidRequest, NotFound
+from routecat.gateway import Gateway
+
+
+def socket_path(database: str) -> str:
+    return os.path.abspath(database) + ".admin.sock"
+
+
+def create_admin_app(gw: Gateway) -> QuartTrio:
+    app = QuartTrio("routecat-admin")
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.get("/nodes")
+    async def nodes() -> Response:
+        now = gw.registry.clock()
+        return json_response(
+            {"nodes": [n.describe(now) for n in gw.registry.nodes.values()], **gw.registry.statistics()}
+        )
+
+    @app.post("/nodes/<node_id>/disconnect")
+    async def disconnect(node_id: str) -> Response:
+        node = gw.registry.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not connected")
+        data = await request.get_json(silent=True) or {}
+        node.close(str(data.get("reason") or "disconnected by the operator"))
+        return json_response({"disconnected": node_id})
+
+    @app.get("/status")
+    async def status() -> Response:
+        return json_response(
+            {
+                "version": gw.version,
+                "commit": gw.commit,
+                "url": gw.url,
+                "scheduler": gw.scheduler.statistics(),
+                "registry": gw.registry.statistics(),
+            }
+        )
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        if isinstance(exc, ValueError):
+            return error_response(InvalidRequest(str(exc)))
+        return error_response(ApiError(f"admin command failed: {type(exc).__name__}"))
+
+    return app
+
+
+def prepare_socket(path: str) -> None:
+    """Remove a stale socket left by a crash (a live gateway still answers on it)."""
+    if os.path.exists(path):
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=1) as client:
+                client.get("http://admin/status")
+        except httpx.HTTPError:
+            os.unlink(path)
+        else:
+            raise RuntimeError(f"another gateway is running on this database ({path})")
+
+
+async def secure_socket(path: str) -> None:
+    for _ in range(100):
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
+            return
+        await trio.sleep(0.01)
+
+
+def admin_call(database: str, method: str, path: str, body: Any = None) -> Any:
+    """Call the running gateway's admin endpoint (used by the CLI)."""
+    sock = socket_path(database)
+    if not os.path.exists(sock):
+        raise LookupError(f"no gateway is running on {database} (no {sock})")
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=60) as client:
+            response = client.request(method, f"http://admin{path}", json=body)
+    except httpx.HTTPError as exc:
+        raise LookupError(f"the gateway on {database} does not answer: {exc}") from None
+    data = response.json()
+    if response.status_code >= 400:
+        raise LookupError(data.get("error", {}).get("message", response.text))
+    return data
+

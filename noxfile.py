@@ -33,7 +33,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def e2e(session: nox.Session) -> None:
+    """Real external components: Node.js SDK clients (npm ci from the lock file)."""
     session.install("-e", ".[test]")
+    session.run("npm", "ci", "--no-audit", "--no-fund", "--prefix", "tests/e2e/js", external=True)
     session.run("pytest", "-m", "e2e", *session.posargs)
 
 

@@ -35,7 +35,10 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
     async def nodes() -> Response:
         now = gw.registry.clock()
         return json_response(
-            {"nodes": [n.describe(now) for n in gw.registry.nodes.values()], **gw.registry.statistics()}
+            {
+                "nodes": [n.describe(now) for n in gw.registry.nodes.values()],
+                **gw.registry.statistics(),
+            }
         )
 
     @app.post("/nodes/<node_id>/disconnect")
@@ -81,9 +84,10 @@ def prepare_socket(path: str) -> None:
 
 
 async def secure_socket(path: str) -> None:
+    sock = trio.Path(path)
     for _ in range(100):
-        if os.path.exists(path):
-            os.chmod(path, 0o600)
+        if await sock.exists():
+            await sock.chmod(0o600)
             return
         await trio.sleep(0.01)
 
@@ -102,4 +106,3 @@ def admin_call(database: str, method: str, path: str, body: Any = None) -> Any:
     if response.status_code >= 400:
         raise LookupError(data.get("error", {}).get("message", response.text))
     return data
-

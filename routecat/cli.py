@@ -8,6 +8,7 @@ never from a flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -176,10 +177,11 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
             raise LookupError(f"no node {args.node_id} has ever connected")
     finally:
         store.close()
-    try:
-        admin_call(config.database, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"})
-    except LookupError:
-        pass  # offline or not connected: the ban holds at its next hello
+    # Offline or not connected: the ban holds at its next hello.
+    with contextlib.suppress(LookupError):
+        admin_call(
+            config.database, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"}
+        )
     print(f"banned {args.node_id}: {args.reason}")
     return 0
 

@@ -317,8 +317,8 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
         )
     if not NODE_ID.fullmatch(hello.node_id) or hello.node_id != node_header:
         return "node id missing, malformed, or different from the X-Owlrun-Node header"
-    if not 1 <= hello.max_concurrency <= 1024:
-        return "max_concurrency must be between 1 and 1024"
+    if not 1 <= hello.max_concurrency <= 4096:
+        return "max_concurrency must be between 1 and 4096"
     if len(hello.models) > 1000 or not all(MODEL_NAME.fullmatch(m.name) for m in hello.models):
         return "too many models or a malformed model name"
     if hello.payout_address and not LIGHTNING_ADDRESS.fullmatch(hello.payout_address):

@@ -43,6 +43,7 @@ class Knobs:
 @attrs.define(eq=False)
 class FakeEngine:
     knobs: Knobs = attrs.Factory(Knobs)
+    model_knobs: dict[str, Knobs] = attrs.Factory(dict)  # overrides for some models
     requests: list[dict[str, Any]] = attrs.Factory(list)
     active: int = 0
     aborted: list[float] = attrs.Factory(list)  # when each abort was seen (monotonic)
@@ -50,8 +51,9 @@ class FakeEngine:
     url: str = ""
 
     def reply_tokens(self, body: dict[str, Any], kind: str) -> list[str]:
-        if self.knobs.reply is not None:
-            base = list(self.knobs.reply)
+        knobs = self.model_knobs.get(str(body.get("model")), self.knobs)
+        if knobs.reply is not None:
+            base = list(knobs.reply)
         elif kind == "completion":
             prompt = body.get("prompt", "")
             base = ["Completion", " of:", *[" " + w for w in str(prompt).split()]]
@@ -63,7 +65,10 @@ class FakeEngine:
                     last = content if isinstance(content, str) else json.dumps(content)
             words = last.split()
             base = ["You", " said:", *[" " + w for w in words]]
-        return base * self.knobs.repeat
+        return base * knobs.repeat
+
+    def model_names(self) -> list[str]:
+        return [*self.knobs.models, *(m for m in self.model_knobs if m not in self.knobs.models)]
 
     def app(self) -> QuartTrio:
         app = QuartTrio("fake-engine")
@@ -82,7 +87,7 @@ class FakeEngine:
                             "quantization_level": "Q4_0",
                         },
                     }
-                    for m in engine.knobs.models
+                    for m in engine.model_names()
                 ]
             }
 
@@ -90,7 +95,7 @@ class FakeEngine:
         async def models() -> Any:
             return {
                 "object": "list",
-                "data": [{"id": m, "object": "model"} for m in engine.knobs.models],
+                "data": [{"id": m, "object": "model"} for m in engine.model_names()],
             }
 
         @app.post("/api/chat")
@@ -113,7 +118,7 @@ class FakeEngine:
 
     async def serve(self, body: dict[str, Any], kind: str, dialect: str) -> Any:
         self.requests.append(body)
-        k = self.knobs
+        k = self.model_knobs.get(str(body.get("model")), self.knobs)
         if k.fail_status is not None:
             return Response(json.dumps({"error": "failing on purpose"}), status=k.fail_status)
         tokens = self.reply_tokens(body, kind)
@@ -168,7 +173,7 @@ class FakeEngine:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> AsyncIterator[bytes]:
-        k = self.knobs
+        k = self.model_knobs.get(str(body.get("model")), self.knobs)
         self.active += 1
         complete = False
         try:
@@ -259,7 +264,7 @@ class FakeEngine:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> bytes:
-        k = self.knobs
+        k = self.model_knobs.get(str(body.get("model")), self.knobs)
         if dialect == "ollama":
             final: dict[str, Any] = {
                 "model": body["model"],

@@ -57,7 +57,7 @@ async def test_key_authenticates_and_survives_restart(
             )
             assert_error(r, 401, "invalid_api_key")
         second.stop.set()
-    data = b"".join(p.read_bytes() for p in tmp_path.glob("routecat.db*"))
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("routecat.db*") if p.is_file())
     assert key.encode() not in data
     assert key[3:].encode() not in data
     assert hash_key(key).encode() in data

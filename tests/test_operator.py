@@ -20,7 +20,9 @@ from tests.test_network import chat, wait_for
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "routecat", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "routecat", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 async def test_nodes_list_and_ban(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -35,19 +37,25 @@ async def test_nodes_list_and_ban(nursery: trio.Nursery, tmp_path: Path) -> None
         for node in net.nodes:
             assert node.id in out.stdout
         victim = net.nodes[0]
-        out = await trio.to_thread.run_sync(lambda: run_cli("nodes", "ban", victim.id, "cheating", "--database", db))
+        out = await trio.to_thread.run_sync(
+            lambda: run_cli("nodes", "ban", victim.id, "cheating", "--database", db)
+        )
         assert out.returncode == 0, out.stderr
         await wait_for(lambda: victim.id not in net.gateway.gw.registry.nodes)
         # It cannot come back: its reconnects are refused for good.
         await victim.stopped.wait()
         assert "banned" in victim.refused[0].reason
         assert set(net.gateway.gw.registry.nodes) == {net.nodes[1].id}
-        out = await trio.to_thread.run_sync(lambda: run_cli("nodes", "ban", "node_nobody", "x", "--database", db))
+        out = await trio.to_thread.run_sync(
+            lambda: run_cli("nodes", "ban", "node_nobody", "x", "--database", db)
+        )
         assert out.returncode == 1
 
 
 async def test_nodes_list_without_gateway(tmp_path: Path) -> None:
-    out = await trio.to_thread.run_sync(lambda: run_cli("nodes", "list", "--database", str(tmp_path / "none.db")))
+    out = await trio.to_thread.run_sync(
+        lambda: run_cli("nodes", "list", "--database", str(tmp_path / "none.db"))
+    )
     assert out.returncode == 1
     assert "no gateway is running" in out.stderr
 
@@ -57,8 +65,21 @@ async def test_owlrun_sigterm_finishes_in_flight_job(nursery: trio.Nursery, tmp_
         net = await start_network(nursery, tmp_path, nodes=0, knobs=Knobs(delay=0.1, repeat=5))
         identity = tmp_path / "node.json"
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "owlrun", "--gateway", net.url, "--ollama-url", net.engine.url,
-             "--lightning-address", "me@example.com", "--config", str(identity), "--max-jobs", "2"],
+            [
+                sys.executable,
+                "-m",
+                "owlrun",
+                "--gateway",
+                net.url,
+                "--ollama-url",
+                net.engine.url,
+                "--lightning-address",
+                "me@example.com",
+                "--config",
+                str(identity),
+                "--max-jobs",
+                "2",
+            ],
             stderr=subprocess.PIPE,
         )
         try:
@@ -66,7 +87,9 @@ async def test_owlrun_sigterm_finishes_in_flight_job(nursery: trio.Nursery, tmp_
             assert stat.S_IMODE(identity.stat().st_mode) == 0o600
             saved = json.loads(identity.read_text())
             assert saved["node_id"] in net.gateway.gw.registry.nodes
-            rows = await net.gateway.gw.store.read(lambda db: db.conn.execute("SELECT secret_hash FROM nodes").fetchall())
+            rows = await net.gateway.gw.store.read(
+                lambda db: db.conn.execute("SELECT secret_hash FROM nodes").fetchall()
+            )
             assert saved["secret"] not in rows[0][0]
             async with net.client() as c:
                 answers: list[httpx.Response] = []
@@ -78,9 +101,15 @@ async def test_owlrun_sigterm_finishes_in_flight_job(nursery: trio.Nursery, tmp_
                     inner.start_soon(ask)
                     await wait_for(lambda: net.engine.active == 1)
                     proc.send_signal(signal.SIGTERM)
-                    await wait_for(lambda: any(n.draining for n in net.gateway.gw.registry.nodes.values()), timeout=5)
+                    await wait_for(
+                        lambda: any(n.draining for n in net.gateway.gw.registry.nodes.values()),
+                        timeout=5,
+                    )
                 assert answers[0].status_code == 200
-                assert answers[0].json()["choices"][0]["message"]["content"] == "You said: drain me" * 5
+                assert (
+                    answers[0].json()["choices"][0]["message"]["content"]
+                    == "You said: drain me" * 5
+                )
             assert await proc.wait() == 0
         finally:
             if proc.returncode is None:

@@ -1,0 +1,285 @@
+"""``nox -s bench``: the gateway's own cost, measured side by side with the direct path.
+
+Three processes, so that the figures hold on a 2-core machine: the gateway
+(``routecat serve``), the provider (fake engine + owlrun, ``tests.bench_node``) and
+this load generator. Gateway CPU comes from /proc accounting of its process alone.
+Results are printed as a Markdown table; ``docs/performance.md`` records a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+
+
+async def read_line_with(proc: trio.Process, marker: bytes, buf: bytearray) -> str:
+    stream = proc.stdout
+    assert stream is not None
+    while marker not in buf:
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise RuntimeError(f"process ended before {marker!r}: {buf.decode(errors='replace')}")
+        buf += chunk
+    line = buf[buf.index(marker) :].split(b"\n", 1)[0]
+    return line.decode()
+
+
+def chat(model: str, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100,
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+async def timed_requests(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], n: int, concurrency: int
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for _ in counter:
+            t = time.perf_counter()
+            r = await client.post(url, json=body)
+            latencies.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return latencies, time.perf_counter() - start
+
+
+async def timed_streams(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], n: int
+) -> tuple[list[float], list[float]]:
+    ttfts, totals = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        first = None
+        async with client.stream("POST", url, json=body) as r:
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.perf_counter() - t
+        totals.append(time.perf_counter() - t)
+        ttfts.append(first or 0.0)
+    return ttfts, totals
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure_cpu(pid: int, action: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    before = cpu_seconds(pid)
+    result = await action()
+    return cpu_seconds(pid) - before, result
+
+
+async def main() -> None:
+    quick = "--quick" in sys.argv
+    n = 300 if quick else 2000
+    rows: list[tuple[str, str]] = []
+    tmp = tempfile.mkdtemp(prefix="routecat-bench-")
+    env = {
+        **os.environ,
+        "ROUTECAT_DATABASE": f"{tmp}/bench.db",
+        "ROUTECAT_PORT": "0",
+        "ROUTECAT_RATE_LIMIT_PER_MINUTE": "100000000",
+        "ROUTECAT_QUEUE_MAX": "100000",
+        "ROUTECAT_BTC_USD": "100000",
+    }
+    log_path = f"{tmp}/gateway.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - a file, not a pipe: nobody must drain it
+    gateway = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log_file
+    )
+    node = None
+    try:
+        with trio.fail_after(30):
+            while "listening on" not in Path(log_path).read_text():
+                await trio.sleep(0.05)
+        text = Path(log_path).read_text()
+        url = text.split("listening on ")[1].split()[0]
+        node = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.bench_node", url],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        nbuf = bytearray()
+        with trio.fail_after(30):
+            engine_url = (await read_line_with(node, b"ENGINE", nbuf)).split()[1]
+            await read_line_with(node, b"READY", nbuf)
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            key = (await c.post("/v1/auth/register", json={"name": "bench"})).json()["api_key"]
+            c.headers["Authorization"] = f"Bearer {key}"
+            direct = httpx.AsyncClient(base_url=engine_url, timeout=120, limits=limits)
+            # Warm up both paths.
+            await timed_requests(c, "/v1/chat/completions", chat("fast:1b"), 50, 4)
+            await timed_requests(direct, "/v1/chat/completions", chat("fast:1b"), 50, 4)
+
+            # Latency at concurrency 1, side by side.
+            d_lat, _ = await timed_requests(
+                direct, "/v1/chat/completions", chat("fast:1b"), n // 4, 1
+            )
+            cpu, (g_lat, _) = await measure_cpu(
+                gateway.pid,
+                lambda: timed_requests(c, "/v1/chat/completions", chat("fast:1b"), n // 4, 1),
+            )
+            rows.append(
+                (
+                    "non-stream p50 direct / through gateway",
+                    f"{pct(d_lat, 0.5) * 1000:.2f} ms / {pct(g_lat, 0.5) * 1000:.2f} ms (x{pct(g_lat, 0.5) / pct(d_lat, 0.5):.2f})",
+                )
+            )
+            rows.append(
+                (
+                    "added latency p50 / p99 at concurrency 1",
+                    f"{(pct(g_lat, 0.5) - pct(d_lat, 0.5)) * 1000:.2f} ms / {(pct(g_lat, 0.99) - pct(d_lat, 0.99)) * 1000:.2f} ms",
+                )
+            )
+            rows.append(
+                ("gateway p99 / p50 at concurrency 1", f"{pct(g_lat, 0.99) / pct(g_lat, 0.5):.2f}")
+            )
+            rows.append(
+                ("gateway CPU per non-stream request (c=1)", f"{cpu / len(g_lat) * 1000:.2f} ms")
+            )
+
+            for conc in (16, 64):
+                d_lat, d_wall = await timed_requests(
+                    direct, "/v1/chat/completions", chat("fast:1b"), n, conc
+                )
+                cpu, (g_lat, g_wall) = await measure_cpu(
+                    gateway.pid,
+                    lambda conc=conc: timed_requests(
+                        c, "/v1/chat/completions", chat("fast:1b"), n, conc
+                    ),
+                )
+                rows.append(
+                    (
+                        f"throughput c={conc} direct / gateway",
+                        f"{n / d_wall:.0f} / {n / g_wall:.0f} req/s (x{(n / g_wall) / (n / d_wall):.2f})",
+                    )
+                )
+                rows.append(
+                    (f"gateway CPU per non-stream request (c={conc})", f"{cpu / n * 1000:.2f} ms")
+                )
+
+            # Streams of 64 chunks.
+            s = n // 10
+            d_ttft, d_total = await timed_streams(
+                direct, "/v1/chat/completions", chat("long64:1b", True), s
+            )
+            cpu, (g_ttft, g_total) = await measure_cpu(
+                gateway.pid,
+                lambda: timed_streams(c, "/v1/chat/completions", chat("long64:1b", True), s),
+            )
+            rows.append(
+                (
+                    "stream TTFT p50 direct / gateway",
+                    f"{pct(d_ttft, 0.5) * 1000:.2f} / {pct(g_ttft, 0.5) * 1000:.2f} ms",
+                )
+            )
+            rows.append(
+                (
+                    "64-chunk stream total p50 direct / gateway",
+                    f"{pct(d_total, 0.5) * 1000:.2f} / {pct(g_total, 0.5) * 1000:.2f} ms (x{pct(g_total, 0.5) / pct(d_total, 0.5):.2f})",
+                )
+            )
+            rows.append(
+                (
+                    "gateway CPU per 64-chunk stream / per chunk",
+                    f"{cpu / s * 1000:.2f} ms / {cpu / s / 64 * 1e6:.0f} us",
+                )
+            )
+            await direct.aclose()
+
+            # Memory per open stream.
+            streams = 200 if quick else 1000
+            base_rss = rss_mib(gateway.pid)
+            opened = trio.Semaphore(0)
+            release = trio.Event()
+
+            async def hold() -> None:
+                async with c.stream(
+                    "POST", "/v1/chat/completions", json=chat("stall:1b", True)
+                ) as r:
+                    if r.status_code != 200:
+                        raise RuntimeError(
+                            f"stream refused: {r.status_code} {(await r.aread())[:300]!r}"
+                        )
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            opened.release()
+                            break
+                    await release.wait()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(streams):
+                    nursery.start_soon(hold)
+                got = 0
+                with trio.move_on_after(60):
+                    while got < streams:
+                        await opened.acquire()
+                        got += 1
+                if got != streams:
+                    raise RuntimeError(f"only {got} of {streams} streams opened")
+                held_rss = rss_mib(gateway.pid)
+                release.set()
+                nursery.cancel_scope.cancel()
+            per = (held_rss - base_rss) / streams
+            rows.append(
+                (
+                    f"gateway RSS with {streams} open streams",
+                    f"{held_rss:.0f} MiB ({base_rss:.0f} idle; {per * 1024:.0f} KiB per stream; 10,000 streams ~ {base_rss + per * 10000:.0f} MiB)",
+                )
+            )
+    finally:
+        log_file.close()
+        for proc in (node, gateway):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(10):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+    print(
+        f"\nRouteCat bench ({'quick' if quick else 'full'}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n"
+    )
+    print("| measure | result |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(json.dumps(dict(rows)), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,9 +1,15 @@
 """The SQLite store: one writer path, WAL, versioned migrations.
 
-Invariant owned here: every write runs in one ``BEGIN IMMEDIATE`` transaction on the
-single writer connection, serialised by a ``CapacityLimiter(1)``; a write either
+Invariant owned here: every write runs inside a ``BEGIN IMMEDIATE`` transaction on
+the single writer connection, serialised by a ``CapacityLimiter(1)``; a write either
 commits whole or leaves nothing. Reads use their own connection and, thanks to WAL,
 never block the writer.
+
+Group commit: writes that arrive while another batch is being committed wait in a
+queue; the next writer to get the lock commits every queued write in one transaction,
+each inside its own SAVEPOINT (so one failing write rolls back alone). Durability is
+unchanged (``synchronous = FULL``: a write has returned only once its batch is on
+disk), and the cost of an fsync is shared by every write of the batch.
 
 SQLite calls are blocking, so they run in worker threads through an injectable
 runner (tests under virtual time inject an inline one). A cancelled write still
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 import sqlite_utils
@@ -36,6 +42,19 @@ async def run_inline(fn: Callable[[], T]) -> T:
     """Runs blocking work on the trio thread: only for tests under virtual time."""
     await trio.lowlevel.checkpoint()
     return fn()
+
+
+@attrs.define(eq=False)
+class _Pending(Generic[T]):
+    fn: Callable[[sqlite_utils.Database], T]
+    result: T | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
 
 
 @attrs.frozen
@@ -64,9 +83,11 @@ class Store:
     _run: ThreadRunner = run_in_thread
     _write_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
     _read_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
+    _queue: list[_Pending[Any]] = attrs.Factory(list)
     _wdb: sqlite_utils.Database = attrs.field(init=False)
     _rdb: sqlite_utils.Database = attrs.field(init=False)
     writes: int = 0
+    batches: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._wdb = sqlite_utils.Database(self._writer)
@@ -92,7 +113,8 @@ class Store:
     # -- synchronous API (used inside worker threads and by offline CLI commands) --
 
     def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run ``fn`` in one IMMEDIATE transaction on the writer; commit or roll back whole."""
+        """Run ``fn`` in one IMMEDIATE transaction on the writer; commit or roll back whole.
+        For offline commands only: in the gateway, writes go through ``write``."""
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -115,8 +137,38 @@ class Store:
     # -- trio API --
 
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        pending = _Pending(fn)
+        self._queue.append(pending)
         async with self._write_lock:
-            return await self._run(lambda: self.write_sync(fn))
+            if not pending.done:
+                batch, self._queue = self._queue, []
+                await self._run(lambda: self._commit_batch(batch))
+        return pending.outcome()
+
+    def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for pending in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    pending.result = pending.fn(self._wdb)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    pending.error = exc
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for pending in batch:
+                pending.result, pending.error = None, exc
+            raise
+        finally:
+            for pending in batch:
+                pending.done = True
+        self.writes += len(batch)
+        self.batches += 1
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         if self._reader is self._writer:

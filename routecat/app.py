@@ -11,12 +11,14 @@ import logging
 import re
 import secrets
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ledger.money import usd_to_sats
 from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.clientip import client_ip
@@ -197,7 +199,21 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.websocket(WS_PATH)
     async def node_socket() -> None:
-        await serve_node_socket(gw.registry, gw.config)
+        await serve_node_socket(gw.registry, gw.config, gw.billing.mark_dirty)
+
+    @app.get("/v1/auth/balance")
+    async def balance() -> Response:
+        key = await gw.keys.authenticate(request.headers.get("Authorization"))
+        gw.read_limit.acquire_nowait(f"key:{key.id}")
+        return json_response(await gw.billing.balance(key.id))
+
+    @app.get("/v1/audit")
+    async def audit() -> Response:
+        gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
+        page = _int_arg("page", 1, 1, 1_000_000)
+        per_page = _int_arg("per_page", 50, 1, 100)
+        jobs, total = await gw.store.read(lambda db: audit_page(db, page, per_page))
+        return json_response({"jobs": jobs, "total": total, "page": page, "per_page": per_page})
 
     @app.get("/v1/stats")
     async def stats() -> Response:
@@ -205,6 +221,32 @@ def create_app(gw: Gateway) -> QuartTrio:
         return json_response(await gw_stats(gw))
 
     return app
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise errors.InvalidRequest(
+            f"invalid value for '{name}': an integer from {low} to {high}", param=name
+        )
+    return int(raw)
+
+
+def pricing(gw: Gateway, model: str) -> dict[str, Any]:
+    price = gw.catalog.price(model)
+    rate = gw.rates.last_rate()
+    body: dict[str, Any] = {
+        "input_per_1m_tokens_usd": float(price.input_usd_per_1m),
+        "output_per_1m_tokens_usd": float(price.output_usd_per_1m),
+        "input_per_1m_tokens_sats": None,
+        "output_per_1m_tokens_sats": None,
+    }
+    if rate is not None:
+        body["input_per_1m_tokens_sats"] = float(usd_to_sats(price.input_usd_per_1m, rate))
+        body["output_per_1m_tokens_sats"] = float(usd_to_sats(price.output_usd_per_1m, rate))
+    return body
 
 
 def model_list(gw: Gateway) -> list[dict[str, Any]]:
@@ -217,15 +259,53 @@ def model_list(gw: Gateway) -> list[dict[str, Any]]:
                 "object": "model",
                 "created": int(gw.registry.model_seen.get(name, gw.started_at)),
                 "owned_by": "community",
+                "routecat_pricing": pricing(gw, name),
                 "routecat_nodes": len(online[name]),
             }
         )
     return out
 
 
+def audit_page(db: Any, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+    total = db.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    found = db.conn.execute(
+        "SELECT id, model, tokens_in, tokens_out, duration_ms, cost_msat, finished_at FROM jobs"
+        " ORDER BY finished_at DESC, id DESC LIMIT ? OFFSET ?",
+        (per_page, (page - 1) * per_page),
+    ).fetchall()
+    jobs = [
+        {
+            "id": r["id"],
+            "model": r["model"],
+            "tokens_in": r["tokens_in"],
+            "tokens_out": r["tokens_out"],
+            "duration_ms": r["duration_ms"],
+            "cost_sats": r["cost_msat"] // 1000,
+            "cost_msat": r["cost_msat"],
+            "timestamp": r["finished_at"][:19] + "Z",
+        }
+        for r in found
+    ]
+    return jobs, int(total)
+
+
 async def gw_stats(gw: Gateway) -> dict[str, Any]:
+    since = (datetime.now(UTC) - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%S")
+
+    def read(db: Any) -> tuple[int, int]:
+        row = db.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0) FROM jobs"
+            " WHERE finished_at >= ?",
+            (since,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    jobs, tokens = await gw.store.read(read)
     return {
         "nodes_online": len(gw.registry.nodes),
+        "jobs_24h": jobs,
+        "tokens_24h": tokens,
+        **gw.rates.describe(),
         "version": gw.version,
         "commit": gw.commit,
     }

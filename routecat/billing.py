@@ -1,9 +1,17 @@
-"""The completion hook: what a finished job costs, recorded exactly once.
+"""Admission and settlement: the money side of every request.
 
-Invariant: ``settle`` is idempotent on the job id (the job row is inserted with
-``ON CONFLICT DO NOTHING`` in the same transaction as anything else it writes), and
-the usage it returns is the usage billed: verified against the bounds in
-``routecat.usage``, never the node's word alone.
+Invariants:
+- Admission reserves before the job starts: a free request takes one of the key's
+  daily free requests and reserves its maximum cost against the daily subsidy budget;
+  a paid request is admitted only if ``balance - reserved > 0`` (checked and reserved
+  atomically) and reserves its estimated maximum cost. Nothing is admitted without a
+  BTC/USD rate (never priced at 0).
+- Settlement runs exactly once per job (the ledger transaction ``job:<id>`` is
+  idempotent): it releases the reservation, bills the verified usage at the rate of
+  admission (``ceil`` once), pays the provider 95% (held for the probation period
+  when the job was free) and the operator the rest, and records the audit row, all in
+  one database transaction. It may take a balance below zero: a response is never
+  cut off, so an overdraft is bounded by one admitted request.
 
 What is billed, by outcome: done -> verified usage; client gone, shutdown, or a
 streamed node failure after output -> the prompt and the delivered tokens; a
@@ -12,22 +20,51 @@ non-stream failure, or any failure before the first token -> nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import attrs
 import sqlite_utils
+import trio
 
-from ledger.store import Store
+from ledger import book
+from ledger.money import cost_msat, split
+from ledger.store import Store, one
+from owlrun.protocol import Earnings
+from routecat.config import Config
+from routecat.errors import InsufficientBalance, ServiceUnavailable
+from routecat.metrics import Metrics
+from routecat.nodes import NodeLink, Registry
+from routecat.pricing import Catalog, Price, RateFeed
+from routecat.reputation import Reputation
 from routecat.scheduler import Bill, JobResult, JobSpec
-from routecat.usage import Verified, verify
+from routecat.usage import Verified, completion_bound, verify
 
 log = logging.getLogger("routecat.billing")
+
+DAY = 86400.0
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def utc_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+@attrs.frozen
+class Admission:
+    free: bool
+    rate: Decimal
+    price: Price
+    reserved_msat: int
+    day: str
 
 
 def billable(result: JobResult) -> bool:
@@ -36,14 +73,12 @@ def billable(result: JobResult) -> bool:
     if not result.delivered:
         return False
     # Output was delivered: streamed failures, disconnects and shutdowns bill it;
-    # a non-stream failure returned 502 and the client got nothing.
+    # a non-stream failure answered 502 and the client got nothing.
     return result.spec.stream or result.outcome in ("client_gone", "shutdown")
 
 
 def verified_usage(result: JobResult, bytes_per_token: float | None) -> Verified:
     spec = result.spec
-    from routecat.usage import completion_bound
-
     reported = result.reported if result.outcome == "done" else None
     return verify(
         reported,
@@ -59,14 +94,13 @@ def record_job(
     db: sqlite_utils.Database,
     result: JobResult,
     usage: Verified,
-    cost_msat: int,
-    provider_msat: int,
+    cost: int,
+    provider_share: int,
     free: bool,
-) -> bool:
-    """Insert the job's audit row; False if it was already recorded (settled before)."""
+) -> None:
     spec = result.spec
     reported = result.reported
-    cursor = db.conn.execute(
+    db.conn.execute(
         "INSERT INTO jobs (id, key_id, node_id, model, kind, stream, free, outcome, tokens_in,"
         " tokens_out, reported_in, reported_out, bytes_out, duration_ms, ttft_ms, cost_msat,"
         " provider_msat, created_at, finished_at)"
@@ -88,34 +122,329 @@ def record_job(
             result.delivered_bytes,
             round(result.duration * 1000),
             None if result.ttft is None else round(result.ttft * 1000),
-            cost_msat,
-            provider_msat,
+            cost,
+            provider_share,
             iso(result.started_at),
             iso(result.started_at + result.duration),
         ),
     )
-    return cursor.rowcount == 1
+
+
+def free_used(db: sqlite_utils.Database, key_id: int, day: str) -> int:
+    row = one(db, "SELECT used FROM free_usage WHERE key_id = ? AND day = ?", (key_id, day))
+    return int(row[0]) if row else 0
+
+
+def subsidy_spent(db: sqlite_utils.Database, day: str) -> int:
+    row = one(db, "SELECT spent_msat FROM subsidy_days WHERE day = ?", (day,))
+    return int(row[0]) if row else 0
 
 
 @attrs.define(eq=False)
 class Billing:
     store: Store
+    config: Config
+    catalog: Catalog
+    rates: RateFeed
+    registry: Registry
+    reputation: Reputation
+    metrics: Metrics
+    wall: Callable[[], float] = time.time
     settled: int = 0
+    _dirty_nodes: set[str] = attrs.Factory(set)
+
+    # -- admission --
+
+    def max_cost(self, spec: JobSpec, price: Price, rate: Decimal) -> int:
+        return cost_msat(
+            spec.prompt_bound,
+            spec.max_tokens + 1,
+            price.input_usd_per_1m,
+            price.output_usd_per_1m,
+            rate,
+        )
+
+    def applied_max_tokens(self, model: str, requested: int | None) -> int:
+        cap = self.catalog.price(model).max_tokens or self.config.default_max_tokens
+        return min(requested, cap) if requested is not None else cap
 
     async def admit(self, spec: JobSpec) -> JobSpec:
-        return spec
+        price = self.catalog.price(spec.model)
+        now = self.wall()
+        day = utc_day(now)
+        last = self.rates.last_rate()
+        if last is None:
+            raise ServiceUnavailable(
+                "no BTC/USD rate is known yet: requests cannot be priced",
+                code="pricing_unavailable",
+                retry_after=30,
+            )
+        free_spec = spec
+        if spec.requested_max_tokens is None and spec.max_tokens > self.config.free_max_tokens:
+            # No max_tokens asked: a free request gets the free cap rather than no free request.
+            limit = self.config.free_max_tokens
+            free_spec = attrs.evolve(
+                spec, max_tokens=limit, request={**spec.request, "max_tokens": limit}
+            )
+        if self.catalog.listed(spec.model) and free_spec.max_tokens <= self.config.free_max_tokens:
+            reserve = self.max_cost(free_spec, price, last)
+            budget = self.config.free_daily_budget_sats * 1000
+
+            def take_free(db: sqlite_utils.Database) -> bool:
+                if free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
+                    return False
+                _, reserved = book.balance(db, book.SUBSIDY)
+                if subsidy_spent(db, day) + reserved + reserve > budget:
+                    return False
+                db.conn.execute(
+                    "INSERT INTO free_usage (key_id, day, used) VALUES (?, ?, 1)"
+                    " ON CONFLICT(key_id, day) DO UPDATE SET used = used + 1",
+                    (spec.key_id, day),
+                )
+                book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
+                return True
+
+            if await self.store.write(take_free):
+                return attrs.evolve(free_spec, admission=Admission(True, last, price, reserve, day))
+        rate = self.rates.fresh_rate()
+        if rate is None:
+            raise ServiceUnavailable(
+                "the BTC/USD rate is too old to price a paid request",
+                code="pricing_unavailable",
+                retry_after=60,
+            )
+        reserve = self.max_cost(spec, price, rate)
+        account = book.user_account(spec.key_id)
+        if not await self.store.write(
+            lambda db: book.reserve(db, spec.job_id, account, reserve, now)
+        ):
+            raise InsufficientBalance(
+                "insufficient balance and no free requests left today: top up with POST /v1/auth/topup"
+            )
+        return attrs.evolve(spec, admission=Admission(False, rate, price, reserve, day))
 
     async def release(self, spec: JobSpec) -> None:
-        return None
+        """Undo an admission whose job never started (no node, shutting down)."""
+        admission = spec.admission
+        if not isinstance(admission, Admission):
+            return
+
+        def undo(db: sqlite_utils.Database) -> None:
+            if book.release(db, spec.job_id) and admission.free:
+                db.conn.execute(
+                    "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
+                    (spec.key_id, admission.day),
+                )
+
+        await self.store.write(undo)
+
+    # -- settlement (the scheduler's completion hook) --
 
     async def settle(self, result: JobResult) -> Bill:
-        if not billable(result):
-            return Bill(0, 0, 0)
-        usage = verified_usage(result, None)
+        spec = result.spec
+        admission = spec.admission
+        assert isinstance(admission, Admission), "a job must be admitted before it runs"
+        charge = billable(result)
+        model = spec.model
+        usage = verified_usage(result, self.reputation.bytes_per_token(model))
+        if charge:
+            cost = cost_msat(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                admission.price.input_usd_per_1m,
+                admission.price.output_usd_per_1m,
+                admission.rate,
+            )
+        else:
+            cost = 0
+            usage = Verified(0, 0, usage.reported, False)
+        provider_share, fee = split(cost)
+        provider = book.provider_account(result.node_id) if result.node_id else book.OPERATOR_FEE
+        now = self.wall()
 
-        def write(db: sqlite_utils.Database) -> Any:
-            return record_job(db, result, usage, 0, 0, False)
+        def write(db: sqlite_utils.Database) -> Bill:
+            key = f"job:{spec.job_id}"
+            if book.transaction_exists(db, key):
+                row = one(
+                    db,
+                    "SELECT tokens_in, tokens_out, cost_msat FROM jobs WHERE id = ?",
+                    (spec.job_id,),
+                )
+                return Bill(0, 0, 0) if row is None else Bill(row[0], row[1], row[2])
+            book.release(db, spec.job_id)
+            payer = book.SUBSIDY if admission.free else book.user_account(spec.key_id)
+            tx = book.post(
+                db,
+                key,
+                "job",
+                [
+                    book.Posting(payer, -cost),
+                    book.Posting(provider, provider_share),
+                    book.Posting(book.OPERATOR_FEE, fee),
+                ],
+                memo=f"{model} {usage.prompt_tokens}+{usage.completion_tokens} tokens",
+            )
+            assert tx is not None
+            if admission.free:
+                if provider_share:
+                    book.hold(
+                        db, tx, provider, provider_share, now + self.config.probation_days * DAY
+                    )
+                db.conn.execute(
+                    "INSERT INTO subsidy_days (day, spent_msat) VALUES (?, ?)"
+                    " ON CONFLICT(day) DO UPDATE SET spent_msat = spent_msat + excluded.spent_msat",
+                    (admission.day, cost),
+                )
+                if not result.delivered and result.outcome != "done":
+                    # A free request that failed before its first token keeps its quota.
+                    db.conn.execute(
+                        "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
+                        (spec.key_id, admission.day),
+                    )
+            if charge:
+                record_job(db, result, usage, cost, provider_share, admission.free)
+            return Bill(usage.prompt_tokens, usage.completion_tokens, cost)
 
-        await self.store.write(write)
+        bill = await self.store.write(write)
         self.settled += 1
-        return Bill(usage.prompt_tokens, usage.completion_tokens, 0)
+        self.metrics.settlements.inc()
+        if charge:
+            self.metrics.tokens.labels(model, "in").inc(bill.prompt_tokens)
+            self.metrics.tokens.labels(model, "out").inc(bill.completion_tokens)
+        if result.outcome == "done":
+            why = self.reputation.observe(
+                result.node_id, model, result.reported, result.delivered_bytes, usage.capped
+            )
+            if why:
+                log.warning(
+                    "node %s lost reputation: %s (job %s)", result.node_id, why, spec.job_id
+                )
+        if result.node_id and charge:
+            self._dirty_nodes.add(result.node_id)
+        return bill
+
+    # -- reads --
+
+    async def balance(self, key_id: int) -> dict[str, int]:
+        day = utc_day(self.wall())
+
+        def read(db: sqlite_utils.Database) -> tuple[int, int]:
+            balance, _ = book.balance(db, book.user_account(key_id))
+            return balance, free_used(db, key_id, day)
+
+        balance_msat, used = await self.store.read(read)
+        return {
+            "balance_sats": balance_msat // 1000,
+            "balance_msat": balance_msat,
+            "free_remaining": max(0, self.config.free_daily_requests - used),
+        }
+
+    async def earnings(self, node_id: str) -> dict[str, int]:
+        account = book.provider_account(node_id)
+        now = self.wall()
+
+        def read(db: sqlite_utils.Database) -> dict[str, int]:
+            balance, _ = book.balance(db, account)
+            held = book.held(db, account, now)
+            earned = one(
+                db,
+                "SELECT COALESCE(SUM(p.amount_msat), 0) FROM postings p JOIN transactions t"
+                " ON t.id = p.tx_id WHERE p.account = ? AND t.kind = 'job'",
+                (account,),
+            )
+            payouts = payout_totals(db, node_id)
+            return {
+                "earned_msat": int(earned[0]) if earned else 0,
+                "held_msat": held,
+                "payable_msat": max(0, balance - held),
+                "balance_msat": balance,
+                **payouts,
+            }
+
+        return await self.store.read(read)
+
+    # -- services --
+
+    def mark_dirty(self, node: NodeLink) -> None:
+        self._dirty_nodes.add(node.id)
+
+    async def publish_earnings(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Every few seconds, tell nodes whose money moved what they have earned."""
+        task_status.started()
+        while True:
+            await trio.sleep(2)
+            dirty, self._dirty_nodes = self._dirty_nodes, set()
+            for node_id in dirty:
+                node = self.registry.nodes.get(node_id)
+                if node is None:
+                    continue
+                e = await self.earnings(node_id)
+                node.send_nowait(
+                    Earnings(
+                        earned_msat=e["earned_msat"],
+                        held_msat=e["held_msat"],
+                        payable_msat=e["payable_msat"],
+                        paid_msat=e["paid_msat"],
+                        pending_msat=e["pending_msat"],
+                        threshold_sats=node.payout_threshold_sats,
+                    )
+                )
+
+    async def sweep(
+        self,
+        running: Callable[[], Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Release reservations left by a crash (all of them at start), then, periodically,
+        any whose job is no longer running."""
+        released = await self.store.write(lambda db: book.sweep_reservations(db, float("inf")))
+        if released:
+            log.warning("released %d reservations left by an earlier run", len(released))
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.sweep_interval)
+            stale = await self.store.write(
+                functools.partial(
+                    book.sweep_reservations,
+                    older_than=self.wall() - self.config.sweep_interval,
+                    keep=set(running()),
+                )
+            )
+            if stale:
+                log.warning("released %d stale reservations", len(stale))
+
+
+def credit(db: sqlite_utils.Database, key_id: int, amount_msat: int, memo: str, key: str) -> bool:
+    """An operator's credit to a key, from operator equity (audited: kind ``credit``)."""
+    if amount_msat <= 0:
+        raise ValueError("a credit must be positive")
+    tx = book.post(
+        db,
+        key,
+        "credit",
+        [
+            book.Posting(book.user_account(key_id), amount_msat),
+            book.Posting(book.OPERATOR_EQUITY, -amount_msat),
+        ],
+        memo=memo,
+    )
+    return tx is not None
+
+
+def payout_totals(db: sqlite_utils.Database, node_id: str) -> dict[str, int]:
+    """Paid and pending payout amounts of a node (the payouts table arrives with Lightning)."""
+    exists = one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'payouts'")
+    if exists is None:
+        return {"paid_msat": 0, "pending_msat": 0}
+    row = one(
+        db,
+        "SELECT COALESCE(SUM(CASE WHEN state = 'paid' THEN amount_msat END), 0),"
+        " COALESCE(SUM(CASE WHEN state = 'pending' THEN amount_msat END), 0)"
+        " FROM payouts WHERE node_id = ?",
+        (node_id,),
+    )
+    assert row is not None
+    return {"paid_msat": int(row[0]), "pending_msat": int(row[1])}

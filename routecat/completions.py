@@ -68,7 +68,7 @@ async def open_job(
     if isinstance(body, CompletionRequest) and body.echo:
         raise errors.InvalidRequest("echo is not supported", param="echo")
     gw.scheduler.check_model(body.model)
-    max_tokens = body.requested_max_tokens or gw.config.default_max_tokens
+    max_tokens = gw.billing.applied_max_tokens(body.model, body.requested_max_tokens)
     wire = wire_request(body, max_tokens)
     spec = JobSpec(
         job_id=mint_job_id(kind),
@@ -79,6 +79,7 @@ async def open_job(
         key_id=key.id,
         max_tokens=max_tokens,
         prompt_bound=prompt_bound(kind, wire),
+        requested_max_tokens=body.requested_max_tokens,
     )
     spec = await gw.admit(spec)
     try:

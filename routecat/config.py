@@ -68,10 +68,12 @@ class Config:
     catalog: str = ""  # path to a TOML price catalog; empty means the embedded one
     default_input_usd_per_1m: Decimal = Decimal("0.10")
     default_output_usd_per_1m: Decimal = Decimal("0.20")
+    sweep_interval: float = 60.0  # how often stale reservations are released
     btc_usd: Decimal | None = None  # a pinned rate; None means live sources
     rate_refresh: float = 300.0
     rate_max_age: float = 1800.0
     rate_sources: tuple[str, ...] = ("coinbase", "kraken", "bitstamp", "coingecko", "mempool")
+    rate_urls: tuple[str, ...] = ()  # "source=url" overrides, e.g. for a proxy or tests
 
     # Lightning.
     lightning: str = "dev"  # dev, lnbits, phoenixd, lnd

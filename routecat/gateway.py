@@ -16,7 +16,9 @@ from routecat.config import Config
 from routecat.keys import KeyRing
 from routecat.metrics import Metrics
 from routecat.nodes import Registry
+from routecat.pricing import Catalog, RateFeed, load_catalog
 from routecat.ratelimit import SlidingWindow
+from routecat.reputation import Reputation
 from routecat.scheduler import JobSpec, Scheduler
 from routecat.version import git_commit, package_version
 
@@ -36,6 +38,9 @@ class Gateway:
     registry: Registry
     scheduler: Scheduler
     billing: Billing
+    catalog: Catalog
+    rates: RateFeed
+    reputation: Reputation
     started_at: float = attrs.field(factory=time.time)
     ready: bool = False
     url: str = ""
@@ -49,8 +54,11 @@ class Gateway:
     @classmethod
     def build(cls, config: Config, store: Store) -> Gateway:
         metrics = Metrics()
-        registry = Registry(store, metrics)
-        billing = Billing(store)
+        catalog = load_catalog(config)
+        registry = Registry(store, metrics, catalog_models=frozenset(catalog.models))
+        rates = RateFeed(config, metrics)
+        reputation = Reputation(registry)
+        billing = Billing(store, config, catalog, rates, registry, reputation, metrics)
         scheduler = Scheduler(config, registry, metrics, billing.settle)
         return cls(
             config=config,
@@ -68,4 +76,7 @@ class Gateway:
             registry=registry,
             scheduler=scheduler,
             billing=billing,
+            catalog=catalog,
+            rates=rates,
+            reputation=reputation,
         )

@@ -54,6 +54,7 @@ class JobSpec:
     key_id: int
     max_tokens: int
     prompt_bound: int
+    requested_max_tokens: int | None = None  # what the client asked for, if anything
     admission: Any = None  # the money layer's admission (reservation, free slot, rate)
 
 

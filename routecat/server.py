@@ -20,6 +20,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from ledger import book
 from ledger.store import Store
 from routecat import tables
 from routecat.admin import create_admin_app, prepare_socket, secure_socket, socket_path
@@ -34,6 +35,7 @@ Service = Callable[..., Awaitable[Any]]
 
 def open_store(config: Config) -> Store:
     store = Store.open(config.database)
+    store.migrate(book.COMPONENT, book.MIGRATIONS)
     store.migrate(tables.COMPONENT, tables.MIGRATIONS)
     return store
 
@@ -68,6 +70,9 @@ async def serve_gateway(
     try:
         async with trio.open_nursery() as nursery:
             await gw.registry.load()
+            await nursery.start(gw.rates.run)
+            await nursery.start(functools.partial(gw.billing.sweep, lambda: gw.scheduler.jobs))
+            await nursery.start(gw.billing.publish_earnings)
             await nursery.start(gw.scheduler.run)
             for service in extra_services:
                 await nursery.start(service)

@@ -63,4 +63,19 @@ MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        2,
+        """
+        CREATE TABLE free_usage (
+            key_id INTEGER NOT NULL,
+            day TEXT NOT NULL,
+            used INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, day)
+        );
+        CREATE TABLE subsidy_days (
+            day TEXT PRIMARY KEY,
+            spent_msat INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 )

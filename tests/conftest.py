@@ -196,6 +196,7 @@ async def start_network(
     knobs: Knobs | None = None,
     backend: str = "ollama",
     max_jobs: int = 4,
+    credit_sats: int = 1_000_000,
     **overrides: Any,
 ) -> Network:
     gateway = await start_gateway(nursery, network_config(tmp_path, **overrides))
@@ -214,4 +215,20 @@ async def start_network(
     ]
     async with gateway.client() as c:
         key = await register(c)
+    if credit_sats:
+        await fund(gateway, key, credit_sats)
     return Network(gateway, engine, started, key, settled)
+
+
+async def fund(gateway: Running, key: str, sats: int) -> None:
+    """Credit a key from operator equity, as `routecat keys credit` does."""
+    from routecat.billing import credit
+    from routecat.keys import hash_key
+
+    def write(db: Any) -> None:
+        key_id = db.conn.execute(
+            "SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)
+        ).fetchone()[0]
+        credit(db, key_id, sats * 1000, "test funding", "test:" + secrets.token_hex(8))
+
+    await gateway.gw.store.write(write)

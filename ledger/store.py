@@ -167,7 +167,7 @@ class Store:
         finally:
             for pending in batch:
                 pending.done = True
-        self.writes += len(batch)
+        self.writes += sum(1 for p in batch if p.error is None)
         self.batches += 1
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import attrs
 
 from routecat import keys as keys_mod
+from routecat.billing import credit
 from routecat.config import Config, load_config
 from routecat.errors import ConfigError
 from routecat.logs import setup_logging
@@ -75,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         for action, action_help, positionals in actions:
             leaf = group_sub.add_parser(action, parents=[common], help=action_help)
             for positional in positionals:
-                leaf.add_argument(positional)
+                if positional.startswith("--"):
+                    leaf.add_argument(positional, type=int, required=True)
+                else:
+                    leaf.add_argument(positional)
     return parser
 
 
@@ -87,6 +92,20 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
             ("list", "every key: prefix, name, created, revoked", []),
             ("revoke", "revoke a key by its prefix", ["prefix"]),
             ("rotate", "new secret, same account and balance", ["prefix"]),
+            ("credit", "credit a key from operator equity (audited)", ["prefix", "--sats"]),
+        ],
+    ),
+    (
+        "ledger",
+        "the double-entry ledger",
+        [
+            ("check", "prove balances equal postings and all accounts sum to zero", []),
+            (
+                "history",
+                "postings of one account (user:ID, provider:NODE, operator:fee, ...)",
+                ["account"],
+            ),
+            ("accounts", "every account with its balance and reservations", []),
         ],
     ),
     ("db", "database maintenance", [("backup", "online backup of the SQLite file", ["target"])]),
@@ -131,6 +150,55 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
         elif args.action == "rotate":
             record, key = keys_mod.rotate_key(store, args.prefix)
             print(f"new key for {record.name} (shown once): {key}")
+        elif args.action == "credit":
+            if args.sats <= 0:
+                raise LookupError("--sats must be a positive number of sats")
+
+            def give(db: Any) -> keys_mod.ApiKey:
+                record = keys_mod.find_by_prefix(db, args.prefix)
+                idem = "credit:" + secrets.token_hex(12)
+                credit(db, record.id, args.sats * 1000, f"operator credit to {record.prefix}", idem)
+                return record
+
+            record = store.write_sync(give)
+            print(f"credited {args.sats} sats to {record.prefix}... ({record.name})")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_ledger(config: Config, args: argparse.Namespace) -> int:
+    from ledger import book
+    from routecat.server import open_store
+
+    store = open_store(config)
+    try:
+        if args.action == "check":
+            result = store.read_sync(book.check)
+            print(
+                f"{result.accounts} accounts, {result.transactions} transactions,"
+                f" {result.postings} postings"
+            )
+            print(f"sum of all postings: {result.total_msat} msat")
+            for account, cached, summed in result.mismatched_balances:
+                print(f"MISMATCH {account}: balance {cached} != postings {summed}")
+            for tx in result.unbalanced_transactions:
+                print(f"UNBALANCED transaction {tx}")
+            for account, cached, summed in result.mismatched_reservations:
+                print(f"MISMATCH {account}: reserved {cached} != reservations {summed}")
+            print("ledger OK" if result.ok else "ledger BROKEN")
+            return 0 if result.ok else 1
+        if args.action == "accounts":
+            for row in store.read_sync(book.accounts):
+                print(
+                    f"{row['id']:40} {row['balance_msat']:>16} msat  reserved {row['reserved_msat']}"
+                )
+            return 0
+        entries = store.read_sync(lambda db: book.history(db, args.account))
+        if not entries:
+            raise LookupError(f"no postings for account {args.account}")
+        for e in entries:
+            print(f"{e['created_at']}  {e['amount_msat']:>14} msat  {e['kind']:8} {e['memo']}")
     finally:
         store.close()
     return 0
@@ -191,6 +259,7 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "keys": cmd_keys,
     "db": cmd_db,
     "nodes": cmd_nodes,
+    "ledger": cmd_ledger,
 }
 
 

@@ -70,6 +70,7 @@ class Config:
     default_output_usd_per_1m: Decimal = Decimal("0.20")
     sweep_interval: float = 60.0  # how often stale reservations are released
     btc_usd: Decimal | None = None  # a pinned rate; None means live sources
+    rate_mode: str = "auto"  # auto: the dev wallet pins a documented constant; live: always sources
     rate_refresh: float = 300.0
     rate_max_age: float = 1800.0
     rate_sources: tuple[str, ...] = ("coinbase", "kraken", "bitstamp", "coingecko", "mempool")
@@ -211,6 +212,8 @@ def _check(config: Config) -> None:
         raise ConfigError("max_body_bytes must be at least 1024")
     if config.lightning not in ("dev", "lnbits", "phoenixd", "lnd"):
         raise ConfigError("lightning must be one of dev, lnbits, phoenixd, lnd")
+    if config.rate_mode not in ("auto", "live"):
+        raise ConfigError("rate_mode must be 'auto' or 'live'")
     if config.btc_usd is not None and config.btc_usd <= 0:
         raise ConfigError("btc_usd must be positive")
     if not (

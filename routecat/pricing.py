@@ -110,7 +110,7 @@ def _dig(data: Any, *path: str | int) -> Any:
         if isinstance(step, int):
             if not isinstance(data, list) or len(data) <= step:
                 return None
-        elif not isinstance(data, dict):
+        elif not isinstance(data, dict) or step not in data:
             return None
         data = data[step]
     return data
@@ -147,11 +147,12 @@ class RateFeed:
     source: str = ""
     answered: list[str] = attrs.Factory(list)
     pinned: bool = False
+    source_timeout: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if self.config.btc_usd is not None:
             self.rate, self.pinned, self.source = self.config.btc_usd, True, "pinned"
-        elif self.config.lightning == "dev":
+        elif self.config.lightning == "dev" and self.config.rate_mode == "auto":
             self.rate, self.pinned, self.source = DEV_BTC_USD, True, "pinned (dev default)"
         overrides = dict(entry.split("=", 1) for entry in self.config.rate_urls if "=" in entry)
         for name in self.config.rate_sources:
@@ -205,7 +206,7 @@ class RateFeed:
         found: dict[str, Decimal] = {}
 
         async def one(name: str) -> None:
-            with trio.move_on_after(10):
+            with trio.move_on_after(self.source_timeout):
                 value = await self._fetch_one(client, name)
                 if value is not None:
                     found[name] = value

@@ -1,0 +1,585 @@
+"""Money end to end: free tier, paid admission, exact billing, overdraft bound, limits,
+verified usage, subsidy farming, the price feed and crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ledger import book
+from routecat.billing import billable
+from routecat.scheduler import JobResult
+from tests.conftest import Network, assert_error, fund, register, start_network, start_node
+from tests.fakes import Knobs, serve_app, start_engine
+from tests.test_network import chat, read_sse, wait_for
+
+# 1 input token = 1 sat, 1 output token = 2 sats at the tests' pinned $100,000/BTC.
+CATALOG = """
+[default]
+input = "500"
+output = "500"
+[models."llama3.1:8b"]
+input = "1000"
+output = "2000"
+"""
+
+
+def catalog(tmp_path: Path) -> str:
+    path = tmp_path / "catalog.toml"
+    path.write_text(CATALOG)
+    return str(path)
+
+
+async def balance(net: Network, key: str | None = None) -> dict[str, int]:
+    async with net.gateway.client(headers={"Authorization": f"Bearer {key or net.key}"}) as c:
+        r = await c.get("/v1/auth/balance")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+async def ledger_ok(net: Network) -> None:
+    result = await net.gateway.gw.store.read(book.check)
+    assert result.ok, result
+
+
+async def test_free_then_paid_billing_is_exact(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
+        assert await balance(net) == {"balance_sats": 0, "balance_msat": 0, "free_remaining": 10}
+        async with net.client() as c:
+            for i in range(10):
+                r = await c.post(
+                    "/v1/chat/completions", json=chat(f"free {i}"), headers={"X-Playground": "true"}
+                )
+                assert r.status_code == 200, r.text
+                # Free requests cost the user nothing; the usage shown is the usage billed.
+                assert r.json()["usage"]["cost_msat"] > 0
+            assert (await balance(net))["free_remaining"] == 0
+            r = await c.post(
+                "/v1/chat/completions",
+                json=chat("no more"),
+                headers={"X-Playground": "true", "X-Free-Tier": "1"},
+            )
+            assert_error(r, 402, "insufficient_balance")
+            await fund(net.gateway, net.key, 1000)
+            r = await c.post("/v1/chat/completions", json=chat("paid one"))
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            # "You said: paid one" is 4 word tokens; the fake engine reports 2+4 prompt tokens.
+            assert (usage["prompt_tokens"], usage["completion_tokens"]) == (6, 4)
+            expected = 6 * 1000 + 4 * 2000
+            assert usage["cost_msat"] == expected
+            assert r.headers["X-RouteCat-Cost-Msat"] == str(expected)
+            assert usage["total_tokens"] == 10
+            after = await balance(net)
+            assert after["balance_msat"] == 1_000_000 - expected
+            assert after["balance_sats"] == (1_000_000 - expected) // 1000
+            # Streams bill the same way and show the billed usage in the final chunk.
+            async with c.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=chat("paid two", stream=True, stream_options={"include_usage": True}),
+            ) as s:
+                events, done, _ = await read_sse(s)
+            assert done
+            assert events[-1]["usage"]["cost_msat"] == expected
+            assert (await balance(net))["balance_msat"] == 1_000_000 - 2 * expected
+            audit = (await c.get("/v1/audit?per_page=2")).json()
+            assert audit["total"] == 12
+            newest = audit["jobs"][0]
+            assert newest["cost_msat"] == expected and newest["cost_sats"] == expected // 1000
+            assert set(newest) == {
+                "id",
+                "model",
+                "tokens_in",
+                "tokens_out",
+                "duration_ms",
+                "cost_sats",
+                "cost_msat",
+                "timestamp",
+            }
+            text = json.dumps(audit)
+            assert net.key[:11] not in text and "node_" not in text
+            page2 = (await c.get("/v1/audit?page=2&per_page=2")).json()
+            assert page2["page"] == 2 and page2["jobs"][0]["id"] != newest["id"]
+            assert_error(await c.get("/v1/audit?page=0"), 400, "invalid_request")
+            stats = (await c.get("/v1/stats")).json()
+            assert stats["jobs_24h"] == 12 and stats["tokens_24h"] > 0
+            assert stats["btc_usd"] == 100000.0 and stats["btc_usd_source"] == "pinned"
+            assert stats["nodes_online"] == 1
+            models = (await c.get("/v1/models")).json()["data"]
+            pricing = models[0]["routecat_pricing"]
+            assert pricing["input_per_1m_tokens_usd"] == 1000.0
+            assert pricing["input_per_1m_tokens_sats"] == 1_000_000.0
+        await ledger_ok(net)
+        # The provider earned 95% of every job; paid ones are payable, free ones held.
+        earnings = await net.gateway.gw.billing.earnings(net.nodes[0].id)
+        assert earnings["payable_msat"] == 2 * (expected * 95 // 100)
+        assert earnings["held_msat"] > 0
+
+
+async def test_overdraft_bounded_by_one_request(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=15, max_jobs=200, nodes=2
+        )
+        body = chat("hi", max_tokens=2000)  # over the free cap: paid
+        statuses: list[int] = []
+        async with net.gateway.client(
+            headers={"Authorization": f"Bearer {net.key}"}, limits=httpx.Limits(max_connections=250)
+        ) as c:
+
+            async def one() -> None:
+                statuses.append((await c.post("/v1/chat/completions", json=body)).status_code)
+
+            async with trio.open_nursery() as inner:
+                for _ in range(200):
+                    inner.start_soon(one)
+        cost = 5 * 1000 + 3 * 2000  # "hi": 1+4 prompt tokens, "You said: hi": 3 tokens
+        assert statuses.count(200) <= 2
+        assert statuses.count(200) + statuses.count(402) == 200
+        final = (await balance(net))["balance_msat"]
+        assert final == 15_000 - statuses.count(200) * cost
+        assert final >= -cost
+        assert (await net.gateway.gw.store.read(lambda db: book.balance(db, "user:1")))[1] == 0
+        await ledger_ok(net)
+
+
+async def test_settlement_races_settle_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path))
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("race", max_tokens=2000))
+        job_id = r.json()["id"]
+        billing = net.gateway.gw.billing
+        original = await net.gateway.gw.store.read(
+            lambda db: db.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        )
+        before = await balance(net)
+        # Replay the same job's settlement as a disconnect and a node failure would, at once.
+        from routecat.billing import Admission
+        from routecat.pricing import Price
+        from routecat.scheduler import JobSpec
+
+        spec = JobSpec(
+            job_id,
+            "chat",
+            "llama3.1:8b",
+            {},
+            True,
+            1,
+            2000,
+            50,
+            admission=Admission(
+                False, Decimal(100000), Price(Decimal(1000), Decimal(2000)), 0, "x"
+            ),
+        )
+        results = [
+            JobResult(spec, outcome, "node_x", None, None, 5, 20, 1, (), 0.0, 1.0, 0.1)
+            for outcome in ("client_gone", "node_failed", "client_gone")
+        ]
+        bills: list[Any] = []
+        async with trio.open_nursery() as inner:
+            for result in results:
+                inner.start_soon(lambda result=result: _settle(billing, result, bills))
+        assert all(b.cost_msat == original["cost_msat"] for b in bills)
+        assert await balance(net) == before
+        assert net.settled == {job_id: 1}
+        await ledger_ok(net)
+
+
+async def _settle(billing: Any, result: JobResult, out: list[Any]) -> None:
+    out.append(await billing.settle(result))
+
+
+def test_what_is_billed_by_outcome() -> None:
+    from routecat.scheduler import JobSpec
+
+    def result(outcome: str, stream: bool, chunks: int) -> JobResult:
+        spec = JobSpec("j", "chat", "m", {}, stream, 1, 10, 10)
+        return JobResult(spec, outcome, "n", None, None, chunks, chunks * 3, 1, (), 0.0, 1.0, None)
+
+    assert billable(result("done", False, 3))
+    assert billable(result("client_gone", False, 3))
+    assert billable(result("node_failed", True, 3))
+    assert billable(result("timeout", True, 3))
+    assert not billable(result("node_failed", False, 3))  # 502: the client got nothing
+    assert not billable(result("node_failed", True, 0))
+    assert not billable(result("no_capacity", True, 0))
+    assert not billable(result("client_gone", True, 0))
+
+
+async def test_free_tier_resets_at_midnight_utc(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0, free_daily_requests="3"
+        )
+        clock = [datetime(2026, 11, 29, 23, 59, 0, tzinfo=UTC).timestamp()]
+        net.gateway.gw.billing.wall = lambda: clock[0]
+        async with net.client() as c:
+            for _ in range(3):
+                assert (await c.post("/v1/chat/completions", json=chat("x"))).status_code == 200
+            assert (await balance(net))["free_remaining"] == 0
+            assert_error(
+                await c.post("/v1/chat/completions", json=chat("x")), 402, "insufficient_balance"
+            )
+            clock[0] += 59.5  # 23:59:59.5
+            assert_error(
+                await c.post("/v1/chat/completions", json=chat("x")), 402, "insufficient_balance"
+            )
+            clock[0] += 1  # 00:00:00.5 the next day
+            assert (await balance(net))["free_remaining"] == 3
+            assert (await c.post("/v1/chat/completions", json=chat("x"))).status_code == 200
+            assert (await balance(net))["free_remaining"] == 2
+
+
+async def test_free_request_failing_before_first_token_keeps_quota(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery,
+            tmp_path,
+            catalog=catalog(tmp_path),
+            credit_sats=0,
+            knobs=Knobs(fail_status=500),
+            max_attempts="1",
+        )
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("x"))
+            assert r.status_code in (502, 503), r.text
+        assert (await balance(net))["free_remaining"] == 10
+        await ledger_ok(net)
+
+
+async def test_rate_limit_retry_after_is_exact(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), rate_limit_per_minute="60"
+        )
+        now = [1000.0]
+        limiter = net.gateway.gw.request_limit
+        limiter.clock = lambda: now[0]
+        async with net.client() as c:
+            for i in range(60):
+                now[0] = 1000.0 + i * 0.5  # 60 requests over 29.5 s
+                assert (
+                    await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
+                ).status_code == 200
+            now[0] = 1030.0
+            r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
+            assert_error(r, 429, "rate_limit_exceeded")
+            assert r.headers["Retry-After"] == "30"  # the first request leaves the window at 1060
+            now[0] = 1030.0 + 30
+            assert (
+                await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
+            ).status_code == 200
+            # Reads have their own, more generous limit.
+            assert (await c.get("/v1/auth/balance")).status_code == 200
+
+
+async def test_cheating_and_silent_nodes(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), knobs=Knobs(report_factor=10)
+        )
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("hello there", max_tokens=2000))
+        usage = r.json()["usage"]
+        # Reported 40 completion tokens for 21 bytes: billed at the bound, 21 + 1.
+        assert usage["completion_tokens"] == len(b"You said: hello there") + 1
+        cheater = net.gateway.gw.registry.nodes[net.nodes[0].id]
+        assert cheater.reputation < 1.0
+        assert cheater.cooldown_until > trio.current_time()
+        assert net.gateway.gw.reputation.penalties[cheater.id] == 1
+
+        engine = await start_engine(nursery, Knobs(report_usage=False))
+        silent = await start_node(nursery, net.url, engine)
+        await net.nodes[0].kill()
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("hello there", max_tokens=2000))
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        # No report: billed an estimate (bytes / 4), not the bound.
+        assert usage["completion_tokens"] == 6  # ceil(21 / 4)
+        assert usage["completion_tokens"] < len(b"You said: hello there") + 1
+        assert net.gateway.gw.registry.nodes[silent.id].reputation < 1.0
+        earned = await net.gateway.gw.billing.earnings(silent.id)
+        assert earned["earned_msat"] == usage["cost_msat"] * 95 // 100
+
+
+async def test_subsidy_budget_stops_self_dealing(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        # A budget of 100 sats a day; each free job costs 11 sats and reserves 38 here.
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), free_daily_budget_sats="100"
+        )
+        gw = net.gateway.gw
+        served = refused = 0
+        async with net.gateway.client() as c:
+            for i in range(12):
+                key = await register(c, f"sock puppet {i}")
+                r = await c.post(
+                    "/v1/chat/completions",
+                    json=chat("hi", max_tokens=5),
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                if r.status_code == 200:
+                    served += 1
+                else:
+                    assert_error(r, 402, "insufficient_balance")
+                    refused += 1
+        assert served >= 1 and refused >= 1
+        spent = await gw.store.read(
+            lambda db: db.conn.execute("SELECT SUM(spent_msat) FROM subsidy_days").fetchone()[0]
+        )
+        assert spent <= 100_000
+        node = net.nodes[0].id
+        earnings = await gw.billing.earnings(node)
+        assert earnings["earned_msat"] > 0
+        assert earnings["payable_msat"] == 0  # all of it is in probation
+        assert earnings["held_msat"] == earnings["earned_msat"]
+        real_wall = gw.billing.wall
+        gw.billing.wall = lambda: real_wall() + 7 * 86400 + 1
+        after = await gw.billing.earnings(node)
+        assert after["payable_msat"] == earnings["earned_msat"]
+        assert after["held_msat"] == 0
+        await ledger_ok(net)
+
+
+async def test_price_feed_against_misbehaving_sources(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from quart import Response
+    from quart_trio import QuartTrio
+
+    from routecat.config import load_config
+    from routecat.metrics import Metrics
+    from routecat.pricing import RateFeed
+
+    answers: dict[str, Any] = {}
+    app = QuartTrio("sources")
+
+    @app.route("/<path:path>")
+    async def source(path: str) -> Any:
+        name = path.split("/")[0]
+        answer = answers.get(name, ("json", {}))
+        if answer[0] == "sleep":
+            await trio.sleep(30)
+        if answer[0] == "raw":
+            return Response(answer[1], content_type="text/html")
+        return answer[1]
+
+    with trio.fail_after(30):
+        url = await nursery.start(serve_app, app)
+        config = load_config(
+            flags={
+                "rate_mode": "live",
+                "rate_urls": f"coinbase={url}/coinbase,kraken={url}/kraken,bitstamp={url}/bitstamp,coingecko={url}/coingecko,mempool={url}/mempool",
+            },
+            environ={},
+        )
+        feed = RateFeed(config, Metrics(), source_timeout=0.5)
+        assert feed.rate is None and not feed.pinned
+        answers.update(
+            coinbase=("json", {"data": {"rates": {"USD": "0"}}}),
+            kraken=("json", {"result": {"XXBTZUSD": {"c": ["NaN", "1"]}}}),
+            bitstamp=("json", {"last": "not a number"}),
+            coingecko=("raw", "<html>rate limited</html>"),
+            mempool=("sleep", None),
+        )
+        async with httpx.AsyncClient() as client:
+            assert await feed.refresh(client) is None
+            assert feed.rate is None  # never priced at 0
+            answers.update(
+                coinbase=("json", {"data": {"rates": {"USD": "90000.50"}}}),
+                kraken=("json", {"result": {"XXBTZUSD": {"c": ["91000.1", "1"]}}}),
+                bitstamp=("json", {"last": -5}),
+                mempool=("json", {"USD": 95000}),
+            )
+            assert await feed.refresh(client) == Decimal("91000.1")
+            assert feed.answered == ["coinbase", "kraken", "mempool"]
+            answers.clear()
+            assert await feed.refresh(client) is None
+            assert feed.rate == Decimal("91000.1")  # the last good rate stays
+
+
+async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery,
+            tmp_path,
+            catalog=catalog(tmp_path),
+            btc_usd="",
+            rate_mode="live",
+            rate_urls="coinbase=http://127.0.0.1:9/none",
+            rate_sources="coinbase",
+        )
+        gw = net.gateway.gw
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("x"))
+            assert_error(r, 503, "pricing_unavailable")  # no rate ever known: nothing runs
+            gw.rates.rate = Decimal("100000")
+            gw.rates.fetched_at = gw.rates.wall() - 3600  # an hour old: stale
+            r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
+            assert_error(r, 503, "pricing_unavailable")
+            r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
+            assert r.status_code == 200  # free requests may use the last known rate
+            stats = (await c.get("/v1/stats")).json()
+            assert stats["btc_usd_age_s"] >= 3600
+            gw.rates.fetched_at = gw.rates.wall()
+            assert (
+                await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
+            ).status_code == 200
+
+
+async def test_operator_cli_credit_check_history(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
+        db = net.gateway.config.database
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "routecat", *args, "--database", db],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        out = await trio.to_thread.run_sync(cli, "keys", "credit", net.key[:11], "--sats", "250")
+        assert out.returncode == 0, out.stderr
+        assert (await balance(net))["balance_sats"] == 250
+        async with net.client() as c:
+            assert (
+                await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
+            ).status_code == 200
+        out = await trio.to_thread.run_sync(cli, "ledger", "check")
+        assert out.returncode == 0, out.stdout
+        assert "ledger OK" in out.stdout and "sum of all postings: 0 msat" in out.stdout
+        out = await trio.to_thread.run_sync(cli, "ledger", "history", "user:1")
+        assert "credit" in out.stdout and "job" in out.stdout and "250000" in out.stdout
+        # Tamper with a cached balance: the check must notice.
+        await net.gateway.gw.store.write(
+            lambda db: db.conn.execute(
+                "UPDATE accounts SET balance_msat = balance_msat + 1 WHERE id = 'user:1'"
+            )
+        )
+        out = await trio.to_thread.run_sync(cli, "ledger", "check")
+        assert out.returncode == 1 and "MISMATCH user:1" in out.stdout
+
+
+async def test_sigkill_with_jobs_in_flight_loses_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "kill.db")
+    env = {
+        **os.environ,
+        "ROUTECAT_DATABASE": db,
+        "ROUTECAT_PORT": "0",
+        "ROUTECAT_CATALOG": catalog(tmp_path),
+        "ROUTECAT_BTC_USD": "100000",
+        "ROUTECAT_RATE_LIMIT_PER_MINUTE": "100000",
+        "ROUTECAT_HEARTBEAT_INTERVAL": "0.5",
+    }
+
+    async def start() -> tuple[trio.Process, str]:
+        with open(tmp_path / "gw.log", "ab") as log:  # a file: nobody has to drain it
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log
+            )
+        with trio.fail_after(20):
+            while True:
+                text = (tmp_path / "gw.log").read_text()
+                if text.count("listening on") == starts + 1:
+                    break
+                await trio.sleep(0.05)
+        return proc, text.rsplit("listening on ", 1)[1].split()[0]
+
+    starts = 0
+    with trio.fail_after(90):
+        proc, url = await start()
+        engine = await start_engine(nursery, Knobs(delay=0.2, repeat=20))
+        await start_node(nursery, url, engine, max_jobs=100)
+        async with httpx.AsyncClient(
+            base_url=url, timeout=60, limits=httpx.Limits(max_connections=100)
+        ) as c:
+            key = (await c.post("/v1/auth/register", json={"name": "victim"})).json()["api_key"]
+            c.headers["Authorization"] = f"Bearer {key}"
+            await trio.run_process(
+                [sys.executable, "-m", "routecat", "keys", "credit", key[:11], "--sats", "1000000"],
+                env=env,
+                capture_stdout=True,
+            )
+            completed: list[str] = []
+            quick = {**chat("quick", max_tokens=2000)}
+            for _ in range(5):
+                engine.knobs.delay = 0
+                r = await c.post("/v1/chat/completions", json=quick)
+                completed.append(r.json()["id"])
+            engine.knobs.delay = 0.2
+
+            async def stream_forever() -> None:
+                try:
+                    async with c.stream(
+                        "POST",
+                        "/v1/chat/completions",
+                        json=chat("slow", stream=True, max_tokens=2000),
+                    ) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+                except httpx.HTTPError:
+                    pass
+
+            async with trio.open_nursery() as inner:
+                for _ in range(50):
+                    inner.start_soon(stream_forever)
+                await wait_for(lambda: engine.active == 50, timeout=20)
+                reserved = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-c",
+                        f"import sqlite3;print(sqlite3.connect('{db}').execute('select count(*) from reservations').fetchone()[0])",
+                    ],
+                    capture_stdout=True,
+                )
+                assert int(reserved.stdout) == 50
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+        starts = 1
+        proc, url = await start()
+        try:
+            check = await trio.run_process(
+                [sys.executable, "-m", "routecat", "ledger", "check"],
+                env=env,
+                capture_stdout=True,
+                check=False,
+            )
+            assert check.returncode == 0, check.stdout
+            left = await trio.run_process(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import sqlite3;c=sqlite3.connect('{db}');print(c.execute('select count(*) from reservations').fetchone()[0], c.execute('select sum(reserved_msat) from accounts').fetchone()[0])",
+                ],
+                capture_stdout=True,
+            )
+            assert left.stdout.split() == [b"0", b"0"]
+            async with httpx.AsyncClient(base_url=url) as c:
+                audit = (await c.get("/v1/audit?per_page=100")).json()
+            assert set(completed) <= {j["id"] for j in audit["jobs"]}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()

@@ -104,6 +104,44 @@ async def measure_cpu(pid: int, action: Callable[[], Awaitable[Any]]) -> tuple[f
     return cpu_seconds(pid) - before, result
 
 
+async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[float, int]:
+    """Settlements per second through the real write path: admission reservations,
+    then ``Billing.settle`` from many concurrent jobs (group commit, synchronous=FULL)."""
+    from routecat.config import load_config
+    from routecat.gateway import Gateway
+    from routecat.scheduler import JobResult, JobSpec
+    from routecat.server import open_store
+    from owlrun.protocol import Usage
+    from ledger import book
+
+    config = load_config(flags={"database": f"{tmp}/settle{concurrency}.db", "btc_usd": "100000"}, environ={})
+    store = open_store(config)
+    gw = Gateway.build(config, store)
+    await store.write(lambda db: book.post(db, "fund", "credit", [book.Posting("user:1", 10**15), book.Posting(book.OPERATOR_EQUITY, -10**15)]))
+    specs = []
+    for i in range(n):
+        spec = JobSpec(f"job{i}", "chat", "llama3.1:8b", {"max_tokens": 2000}, False, 1, 2000, 100, requested_max_tokens=2000)
+        specs.append(await gw.billing.admit(spec))
+    results = [JobResult(s, "done", "node_bench", "stop", Usage(50, 200), 200, 800, 1, (), time.time(), 0.5, 0.05) for s in specs]
+    batches = store.batches
+    queue = iter(results)
+
+    async def settler() -> None:
+        for r in queue:
+            await gw.billing.settle(r)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(settler)
+    elapsed = time.perf_counter() - start
+    check = store.read_sync(book.check)
+    assert check.ok and check.transactions == n + 1, check
+    used = store.batches - batches
+    store.close()
+    return n / elapsed, used
+
+
 async def main() -> None:
     quick = "--quick" in sys.argv
     n = 300 if quick else 2000
@@ -142,6 +180,11 @@ async def main() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
             key = (await c.post("/v1/auth/register", json={"name": "bench"})).json()["api_key"]
             c.headers["Authorization"] = f"Bearer {key}"
+            await trio.run_process(
+                [sys.executable, "-m", "routecat", "keys", "credit", key[:11], "--sats", "100000000"],
+                env=env,
+                capture_stdout=True,
+            )
             direct = httpx.AsyncClient(base_url=engine_url, timeout=120, limits=limits)
             # Warm up both paths.
             await timed_requests(c, "/v1/chat/completions", chat("fast:1b"), 50, 4)
@@ -272,6 +315,14 @@ async def main() -> None:
                     await proc.wait()
                 if proc.returncode is None:
                     proc.kill()
+    for concurrency in (1, 64):
+        per_s, batches = await bench_settlements(tmp, 2000 if quick else 10000, concurrency)
+        rows.append(
+            (
+                f"settlements per second, {concurrency} concurrent (SQLite WAL, synchronous=FULL)",
+                f"{per_s:.0f}/s ({batches} commits)",
+            )
+        )
     print(
         f"\nRouteCat bench ({'quick' if quick else 'full'}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n"
     )

@@ -114,15 +114,39 @@ async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[fl
     from owlrun.protocol import Usage
     from ledger import book
 
-    config = load_config(flags={"database": f"{tmp}/settle{concurrency}.db", "btc_usd": "100000"}, environ={})
+    config = load_config(
+        flags={"database": f"{tmp}/settle{concurrency}.db", "btc_usd": "100000"}, environ={}
+    )
     store = open_store(config)
     gw = Gateway.build(config, store)
-    await store.write(lambda db: book.post(db, "fund", "credit", [book.Posting("user:1", 10**15), book.Posting(book.OPERATOR_EQUITY, -10**15)]))
+    await store.write(
+        lambda db: book.post(
+            db,
+            "fund",
+            "credit",
+            [book.Posting("user:1", 10**15), book.Posting(book.OPERATOR_EQUITY, -(10**15))],
+        )
+    )
     specs = []
     for i in range(n):
-        spec = JobSpec(f"job{i}", "chat", "llama3.1:8b", {"max_tokens": 2000}, False, 1, 2000, 100, requested_max_tokens=2000)
+        spec = JobSpec(
+            f"job{i}",
+            "chat",
+            "llama3.1:8b",
+            {"max_tokens": 2000},
+            False,
+            1,
+            2000,
+            100,
+            requested_max_tokens=2000,
+        )
         specs.append(await gw.billing.admit(spec))
-    results = [JobResult(s, "done", "node_bench", "stop", Usage(50, 200), 200, 800, 1, (), time.time(), 0.5, 0.05) for s in specs]
+    results = [
+        JobResult(
+            s, "done", "node_bench", "stop", Usage(50, 200), 200, 800, 1, (), time.time(), 0.5, 0.05
+        )
+        for s in specs
+    ]
     batches = store.batches
     queue = iter(results)
 
@@ -181,7 +205,16 @@ async def main() -> None:
             key = (await c.post("/v1/auth/register", json={"name": "bench"})).json()["api_key"]
             c.headers["Authorization"] = f"Bearer {key}"
             await trio.run_process(
-                [sys.executable, "-m", "routecat", "keys", "credit", key[:11], "--sats", "100000000"],
+                [
+                    sys.executable,
+                    "-m",
+                    "routecat",
+                    "keys",
+                    "credit",
+                    key[:11],
+                    "--sats",
+                    "100000000",
+                ],
                 env=env,
                 capture_stdout=True,
             )

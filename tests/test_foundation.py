@@ -426,3 +426,23 @@ async def test_keys_cli_offline(client: httpx.AsyncClient, gateway: Running) -> 
             "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {new_key}"}
         )
         assert_error(r, 401, "invalid_api_key")
+
+
+async def test_openapi_documents_every_public_route(gateway: Running) -> None:
+    import re
+
+    import yaml
+
+    from routecat.app import create_app
+
+    spec = yaml.safe_load((Path(__file__).parent.parent / "docs" / "openapi.yaml").read_text())
+    app = create_app(gateway.gw)
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        if path.startswith("/static") or rule.websocket:
+            continue
+        routes.add(path)
+    documented = set(spec["paths"])
+    assert routes - documented == set(), "routes missing from docs/openapi.yaml"
+    assert documented - routes == set(), "docs/openapi.yaml documents routes that do not exist"

@@ -107,12 +107,12 @@ async def measure_cpu(pid: int, action: Callable[[], Awaitable[Any]]) -> tuple[f
 async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[float, int]:
     """Settlements per second through the real write path: admission reservations,
     then ``Billing.settle`` from many concurrent jobs (group commit, synchronous=FULL)."""
+    from ledger import book
+    from owlrun.protocol import Usage
     from routecat.config import load_config
     from routecat.gateway import Gateway
     from routecat.scheduler import JobResult, JobSpec
     from routecat.server import open_store
-    from owlrun.protocol import Usage
-    from ledger import book
 
     config = load_config(
         flags={"database": f"{tmp}/settle{concurrency}.db", "btc_usd": "100000"}, environ={}

@@ -177,6 +177,7 @@ class Agent:
     # Jobs that hold a slot: a job frees it the moment its last frame is queued, which
     # is when the gateway frees it too (the engine response may take longer to close).
     _busy: set[str] = attrs.Factory(set)
+    _flushed: trio.Event = attrs.Factory(trio.Event)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -269,6 +270,7 @@ class Agent:
             )
             send, receive = trio.open_memory_channel[Message](256)
             self._outbox = send
+            self._flushed = trio.Event()
             try:
                 async with trio.open_nursery() as nursery:
                     self._session_scope = nursery.cancel_scope
@@ -289,6 +291,7 @@ class Agent:
     ) -> None:
         async for message in outbox:
             await ws.send_message(encode(message))
+        self._flushed.set()  # the outbox was closed (drain) and every frame is sent
 
     async def _send(self, message: Message) -> None:
         if self._outbox is not None:
@@ -423,9 +426,15 @@ class Agent:
         """Stop taking jobs, let in-flight ones finish (bounded), then end the session."""
         self.draining = True
         await self._send(Drain(reason="agent stopping"))
-        if self._jobs:
-            log.info("draining %d in-flight jobs (up to %gs)", len(self._jobs), self.drain_timeout)
-            with trio.move_on_after(self.drain_timeout):
+        with trio.move_on_after(self.drain_timeout):
+            if self._jobs:
+                log.info(
+                    "draining %d in-flight jobs (up to %gs)", len(self._jobs), self.drain_timeout
+                )
                 await self._idle.wait()
+            # Let the last frames (the jobs' done messages) reach the gateway.
+            if self._outbox is not None:
+                self._outbox.close()
+                await self._flushed.wait()
         for scope in list(self._jobs.values()):
             scope.cancel()

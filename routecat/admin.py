@@ -50,6 +50,28 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
         node.close(str(data.get("reason") or "disconnected by the operator"))
         return json_response({"disconnected": node_id})
 
+    @app.post("/wallet/pay")
+    async def wallet_pay() -> Response:
+        from routecat.lightning.backend import InvoiceRejected
+        from routecat.lightning.devwallet import DevWallet
+
+        if not isinstance(gw.lightning, DevWallet):
+            raise InvalidRequest("only the dev wallet can pay invoices from the command line")
+        data = await request.get_json(silent=True) or {}
+        try:
+            payment_hash = await gw.lightning.settle_own(str(data.get("invoice", "")))
+        except InvoiceRejected as exc:
+            raise InvalidRequest(str(exc)) from None
+        gw.topups.wake()
+        state = await gw.topups.check(payment_hash)
+        return json_response({"payment_hash": payment_hash, "topup": state})
+
+    @app.post("/lightning/reconcile")
+    async def reconcile() -> Response:
+        credited = await gw.topups.reconcile()
+        await gw.payouts.reconcile()
+        return json_response({"topups_credited": credited})
+
     @app.get("/status")
     async def status() -> Response:
         return json_response(

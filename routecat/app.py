@@ -24,7 +24,7 @@ from routecat import errors
 from routecat.clientip import client_ip
 from routecat.gateway import Gateway
 from routecat.nodes import serve_node_socket
-from routecat.schema import RegisterRequest, decode_json, parse_request
+from routecat.schema import RegisterRequest, TopupRequest, decode_json, parse_request
 
 log = logging.getLogger("routecat.http")
 
@@ -206,6 +206,39 @@ def create_app(gw: Gateway) -> QuartTrio:
         key = await gw.keys.authenticate(request.headers.get("Authorization"))
         gw.read_limit.acquire_nowait(f"key:{key.id}")
         return json_response(await gw.billing.balance(key.id))
+
+    @app.post("/v1/auth/topup")
+    async def topup() -> Response:
+        key = await gw.keys.authenticate(request.headers.get("Authorization"))
+        gw.read_limit.acquire_nowait(f"key:{key.id}")
+        body = parse_request(TopupRequest, await read_json())
+        return json_response(await gw.topups.create(key.id, body.amount_sats))
+
+    @app.get("/v1/auth/topup/<payment_hash>")
+    async def topup_status(payment_hash: str) -> Response:
+        key = await gw.keys.authenticate(request.headers.get("Authorization"))
+        gw.read_limit.acquire_nowait(f"key:{key.id}")
+        if not re.fullmatch(r"[0-9a-f]{64}", payment_hash):
+            raise errors.InvalidRequest("a payment hash is 64 hex characters", param="payment_hash")
+        return json_response(await gw.topups.status(key.id, payment_hash))
+
+    @app.post("/v1/lightning/webhook")
+    async def lightning_webhook() -> Response:
+        """A backend's payment notification: only a hint, checked with the backend."""
+        gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
+        data = await read_json()
+        if isinstance(data, str):  # LNbits sends its JSON encoded twice
+            data = decode_json(data.encode())
+        payment_hash = data.get("payment_hash") if isinstance(data, dict) else None
+        if isinstance(payment_hash, str) and re.fullmatch(r"[0-9a-f]{64}", payment_hash):
+            known = await gw.store.read(
+                lambda db: db.conn.execute(
+                    "SELECT 1 FROM topups WHERE payment_hash = ?", (payment_hash,)
+                ).fetchone()
+            )
+            if known:
+                await gw.topups.check(payment_hash)
+        return json_response({"ok": True})
 
     @app.get("/v1/audit")
     async def audit() -> Response:

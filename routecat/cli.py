@@ -96,6 +96,17 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
         ],
     ),
     (
+        "wallet",
+        "the dev wallet",
+        [("pay", "pay an invoice this gateway issued (dev wallet)", ["invoice"])],
+    ),
+    (
+        "lightning",
+        "Lightning reconciliation",
+        [("reconcile", "ask the backend about every pending top-up and payout now", [])],
+    ),
+    ("payouts", "provider payouts", [("list", "recent payouts and their state", [])]),
+    (
         "ledger",
         "the double-entry ledger",
         [
@@ -164,6 +175,40 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
             print(f"credited {args.sats} sats to {record.prefix}... ({record.name})")
     finally:
         store.close()
+    return 0
+
+
+def cmd_wallet(config: Config, args: argparse.Namespace) -> int:
+    from routecat.admin import admin_call
+
+    if args.command == "wallet":
+        data = admin_call(config.database, "POST", "/wallet/pay", {"invoice": args.invoice})
+        print(f"paid {data['payment_hash']} (top-up {data['topup']})")
+    else:
+        data = admin_call(config.database, "POST", "/lightning/reconcile")
+        print(f"reconciled: {data['topups_credited']} top-ups credited")
+    return 0
+
+
+def cmd_payouts(config: Config, args: argparse.Namespace) -> int:
+    from routecat.server import open_store
+
+    store = open_store(config)
+    try:
+        found = store.read_sync(
+            lambda db: db.conn.execute(
+                "SELECT * FROM payouts ORDER BY id DESC LIMIT 200"
+            ).fetchall()
+        )
+    finally:
+        store.close()
+    for p in found:
+        print(
+            f"#{p['id']:<5} {p['state']:8} {p['amount_msat'] // 1000:>10} sats"
+            f"  fee {p['fee_msat']} msat  {p['node_id']} -> {p['address']}  {p['reason']}"
+        )
+    if not found:
+        print("no payouts yet")
     return 0
 
 
@@ -260,6 +305,9 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "db": cmd_db,
     "nodes": cmd_nodes,
     "ledger": cmd_ledger,
+    "wallet": cmd_wallet,
+    "lightning": cmd_wallet,
+    "payouts": cmd_payouts,
 }
 
 

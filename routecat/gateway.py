@@ -8,12 +8,18 @@ from __future__ import annotations
 import time
 
 import attrs
+import httpx
 
 from ledger.store import Store
 from routecat.billing import Billing
 from routecat.clientip import IPNetwork, parse_networks
 from routecat.config import Config
 from routecat.keys import KeyRing
+from routecat.lightning.backend import Backend
+from routecat.lightning.factory import make_backend
+from routecat.lightning.lnurl import Resolver
+from routecat.lightning.payouts import Payouts
+from routecat.lightning.topups import Topups
 from routecat.metrics import Metrics
 from routecat.nodes import Registry
 from routecat.pricing import Catalog, RateFeed, load_catalog
@@ -41,6 +47,9 @@ class Gateway:
     catalog: Catalog
     rates: RateFeed
     reputation: Reputation
+    lightning: Backend
+    topups: Topups
+    payouts: Payouts
     started_at: float = attrs.field(factory=time.time)
     ready: bool = False
     url: str = ""
@@ -60,6 +69,12 @@ class Gateway:
         reputation = Reputation(registry)
         billing = Billing(store, config, catalog, rates, registry, reputation, metrics)
         scheduler = Scheduler(config, registry, metrics, billing.settle)
+        lightning = make_backend(config, store)
+        resolver = Resolver(
+            httpx.AsyncClient(timeout=10, follow_redirects=False),
+            allow_private=config.lnurl_allow_private,
+            base_url_override=config.lnurl_base_url_override,
+        )
         return cls(
             config=config,
             store=store,
@@ -79,4 +94,7 @@ class Gateway:
             catalog=catalog,
             rates=rates,
             reputation=reputation,
+            lightning=lightning,
+            topups=Topups(store, config, lightning),
+            payouts=Payouts(store, config, lightning, resolver, metrics),
         )

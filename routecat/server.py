@@ -74,6 +74,8 @@ async def serve_gateway(
             await nursery.start(functools.partial(gw.billing.sweep, lambda: gw.scheduler.jobs))
             await nursery.start(gw.billing.publish_earnings)
             await nursery.start(gw.scheduler.run)
+            await nursery.start(gw.topups.run)
+            await nursery.start(gw.payouts.run)
             for service in extra_services:
                 await nursery.start(service)
 
@@ -100,6 +102,9 @@ async def serve_gateway(
             log.info("stopping: draining in-flight jobs for up to %gs", config.drain_timeout)
             await gw.scheduler.drain(config.drain_timeout)
     finally:
+        with trio.CancelScope(shield=True):
+            await gw.lightning.close()
+            await gw.payouts.resolver.client.aclose()
         store.close()
     log.info("stopped")
 

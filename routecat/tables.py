@@ -78,4 +78,54 @@ MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        3,
+        """
+        CREATE TABLE topups (
+            payment_hash TEXT PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            amount_msat INTEGER NOT NULL,
+            bolt11 TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            paid_at REAL
+        );
+        CREATE INDEX topups_state ON topups (state, expires_at);
+        CREATE INDEX topups_key ON topups (key_id, created_at);
+        CREATE TABLE payouts (
+            id INTEGER PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            amount_msat INTEGER NOT NULL,
+            fee_msat INTEGER NOT NULL DEFAULT 0,
+            payment_hash TEXT,
+            bolt11 TEXT,
+            state TEXT NOT NULL DEFAULT 'resolving',
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX payouts_node ON payouts (node_id, state);
+        CREATE INDEX payouts_state ON payouts (state);
+        CREATE TABLE devwallet_invoices (
+            payment_hash TEXT PRIMARY KEY,
+            bolt11 TEXT NOT NULL,
+            amount_msat INTEGER NOT NULL,
+            memo TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            paid_at REAL
+        );
+        CREATE TABLE devwallet_payments (
+            payment_hash TEXT PRIMARY KEY,
+            bolt11 TEXT NOT NULL,
+            amount_msat INTEGER NOT NULL,
+            fee_msat INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        """,
+    ),
 )

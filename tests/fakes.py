@@ -337,3 +337,90 @@ async def start_engine(nursery: trio.Nursery, knobs: Knobs | None = None) -> Fak
     engine = FakeEngine(knobs or Knobs())
     engine.url = await nursery.start(functools.partial(serve_app, engine.app()))
     return engine
+
+
+# -- a Lightning Address server (LUD-16 / LNURL-pay) that can misbehave ----------------
+
+
+@attrs.define(eq=False)
+class LnurlServer:
+    """Serves ``/.well-known/lnurlp/<user>`` and its callback, issuing regtest invoices
+    signed with its own key. ``mode`` makes it misbehave."""
+
+    mode: str = (
+        "good"  # good, wrong_amount, amountless, error, private_callback, slow, mainnet, expired
+    )
+    url: str = ""
+    invoices: list[tuple[str, int]] = attrs.Factory(list)  # (bolt11, amount asked)
+    min_sendable: int = 1000
+    max_sendable: int = 10**11
+    _key: Any = None
+
+    def invoice(self, amount_msat: int | None, currency: str = "bcrt", age: int = 0) -> str:
+        import hashlib
+        import secrets as _secrets
+
+        import bolt11
+        from bolt11.models.tags import TagChar, Tags
+        from coincurve import PrivateKey
+
+        if self._key is None:
+            self._key = PrivateKey()
+        tags = Tags()
+        tags.add(TagChar.payment_hash, hashlib.sha256(_secrets.token_bytes(32)).hexdigest())
+        tags.add(TagChar.payment_secret, _secrets.token_hex(32))
+        tags.add(TagChar.description_hash, hashlib.sha256(self.metadata().encode()).hexdigest())
+        tags.add(TagChar.expire_time, 600)
+        inv = bolt11.Bolt11(
+            currency=currency,
+            date=int(time.time()) - age,
+            tags=tags,
+            amount_msat=bolt11.MilliSatoshi(amount_msat) if amount_msat else None,
+        )
+        return str(bolt11.encode(inv, self._key.secret.hex()))
+
+    @staticmethod
+    def metadata() -> str:
+        return json.dumps([["text/plain", "RouteCat test provider"]])
+
+    def app(self) -> QuartTrio:
+        app = QuartTrio("lnurl")
+        server = self
+
+        @app.get("/.well-known/lnurlp/<user>")
+        async def pay_request(user: str) -> Any:
+            callback = f"{server.url}/cb/{user}"
+            if server.mode == "private_callback":
+                callback = f"http://localhost:{server.url.rsplit(':', 1)[1]}/cb/{user}"
+            return {
+                "tag": "payRequest",
+                "callback": callback,
+                "minSendable": server.min_sendable,
+                "maxSendable": server.max_sendable,
+                "metadata": server.metadata(),
+            }
+
+        @app.get("/cb/<user>")
+        async def callback(user: str) -> Any:
+            amount = int(request.args["amount"])
+            mode = server.mode
+            if mode == "error":
+                return {"status": "ERROR", "reason": "this wallet is closed"}
+            if mode == "slow":
+                await trio.sleep(30)
+            pr = {
+                "wrong_amount": lambda: server.invoice(amount - 1000),
+                "amountless": lambda: server.invoice(None),
+                "mainnet": lambda: server.invoice(amount, currency="bc"),
+                "expired": lambda: server.invoice(amount, age=3600),
+            }.get(mode, lambda: server.invoice(amount))()
+            server.invoices.append((pr, amount))
+            return {"pr": pr, "routes": []}
+
+        return app
+
+
+async def start_lnurl(nursery: trio.Nursery, mode: str = "good") -> LnurlServer:
+    server = LnurlServer(mode=mode)
+    server.url = await nursery.start(functools.partial(serve_app, server.app()))
+    return server

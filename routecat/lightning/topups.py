@@ -1,0 +1,190 @@
+"""Top-ups: a BOLT11 invoice per request, credited exactly once per payment hash.
+
+Invariants:
+- the invoice is stored (``topups``) before it is returned to the user;
+- a credit is the ledger transaction ``topup:<payment_hash>`` (user +amount,
+  ``lightning:in`` -amount): idempotent, so a payment seen by poll, webhook and the
+  reconciler after a restart is credited once;
+- whatever the backend says was paid is credited, even past our expiry time; an
+  invoice becomes ``expired`` only when it was never paid and the backend confirms it
+  can no longer be;
+- a webhook is only a hint: the backend is asked before anything is credited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import sqlite_utils
+import trio
+
+from ledger import book
+from ledger.store import Store, one, rows
+from routecat.config import Config
+from routecat.errors import InvalidRequest, NotFound
+from routecat.lightning.backend import Backend, LightningError
+
+log = logging.getLogger("routecat.lightning.topups")
+
+# After expiry, keep asking the backend this long before accepting "expired".
+EXPIRED_GRACE = 120.0
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def credit_topup(db: sqlite_utils.Database, payment_hash: str, now: float) -> bool:
+    """Credit a paid top-up once; True if this call credited it."""
+    row = one(db, "SELECT key_id, amount_msat FROM topups WHERE payment_hash = ?", (payment_hash,))
+    if row is None:
+        return False
+    amount = int(row["amount_msat"])
+    tx = book.post(
+        db,
+        f"topup:{payment_hash}",
+        "topup",
+        [
+            book.Posting(book.user_account(int(row["key_id"])), amount),
+            book.Posting(book.LIGHTNING_IN, -amount),
+        ],
+        memo=f"top-up {amount // 1000} sats",
+    )
+    db.conn.execute(
+        "UPDATE topups SET state = 'paid', paid_at = COALESCE(paid_at, ?) WHERE payment_hash = ?",
+        (now, payment_hash),
+    )
+    return tx is not None
+
+
+@attrs.define(eq=False)
+class Topups:
+    store: Store
+    config: Config
+    backend: Backend
+    wall: Callable[[], float] = time.time
+    poll_interval: float = 2.0
+    credited: int = 0
+    _wake: trio.Event = attrs.Factory(trio.Event)
+
+    async def create(self, key_id: int, amount_sats: int) -> dict[str, Any]:
+        low, high = self.config.topup_min_sats, self.config.topup_max_sats
+        if not low <= amount_sats <= high:
+            raise InvalidRequest(
+                f"invalid value for 'amount_sats': from {low} to {high} sats", param="amount_sats"
+            )
+        invoice = await self.backend.create_invoice(
+            amount_sats * 1000, f"RouteCat top-up of {amount_sats} sats", self.config.invoice_expiry
+        )
+        now = self.wall()
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.conn.execute(
+                "INSERT INTO topups (payment_hash, key_id, amount_msat, bolt11, backend,"
+                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    invoice.payment_hash,
+                    key_id,
+                    invoice.amount_msat,
+                    invoice.bolt11,
+                    self.backend.name,
+                    now,
+                    invoice.expires_at,
+                ),
+            )
+
+        await self.store.write(write)
+        self.wake()
+        log.info("top-up invoice %s for %d sats", invoice.payment_hash[:16], amount_sats)
+        return {
+            "invoice": invoice.bolt11,
+            "payment_hash": invoice.payment_hash,
+            "amount_sats": amount_sats,
+            "expires_at": rfc3339(invoice.expires_at),
+        }
+
+    async def status(self, key_id: int, payment_hash: str) -> dict[str, Any]:
+        row = await self.store.read(
+            lambda db: one(
+                db,
+                "SELECT * FROM topups WHERE payment_hash = ? AND key_id = ?",
+                (payment_hash, key_id),
+            )
+        )
+        if row is None:
+            # Someone else's invoice or no invoice at all: the same answer.
+            raise NotFound("no such top-up for this key", code="not_found", param="payment_hash")
+        if row["state"] == "pending":
+            await self.check(payment_hash)
+            row = await self.store.read(
+                lambda db: one(db, "SELECT * FROM topups WHERE payment_hash = ?", (payment_hash,))
+            )
+            assert row is not None
+        return {
+            "payment_hash": payment_hash,
+            "status": row["state"],
+            "amount_sats": int(row["amount_msat"]) // 1000,
+            "invoice": row["bolt11"],
+            "expires_at": rfc3339(row["expires_at"]),
+            "paid_at": rfc3339(row["paid_at"]) if row["paid_at"] else None,
+        }
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def check(self, payment_hash: str) -> str:
+        """Ask the backend about one top-up and act on a definite answer."""
+        try:
+            status = await self.backend.invoice_status(payment_hash)
+        except (LightningError, OSError) as exc:
+            log.warning(
+                "top-up %s: backend gave no answer (%s); still pending", payment_hash[:16], exc
+            )
+            return "pending"
+        now = self.wall()
+        if status.state == "paid":
+            if await self.store.write(lambda db: credit_topup(db, payment_hash, now)):
+                self.credited += 1
+                log.info("top-up %s paid and credited", payment_hash[:16])
+            return "paid"
+        if status.state == "expired":
+
+            def expire(db: sqlite_utils.Database) -> None:
+                db.conn.execute(
+                    "UPDATE topups SET state = 'expired' WHERE payment_hash = ? AND state = 'pending'"
+                    " AND expires_at <= ?",
+                    (payment_hash, now),
+                )
+
+            await self.store.write(expire)
+            return "expired"
+        return "pending"
+
+    async def reconcile(self) -> int:
+        """Check every pending top-up (also those past expiry: paid late is still paid)."""
+        pending = await self.store.read(
+            lambda db: [
+                r[0] for r in rows(db, "SELECT payment_hash FROM topups WHERE state = 'pending'")
+            ]
+        )
+        paid = 0
+        for payment_hash in pending:
+            if await self.check(payment_hash) == "paid":
+                paid += 1
+        return paid
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reconciler: at start (payments made while we were down), then every few
+        seconds while invoices are pending."""
+        await self.reconcile()
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.poll_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.reconcile()

@@ -3,6 +3,8 @@ e2e drives real external components; bench measures (never part of the default s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -36,7 +38,33 @@ def e2e(session: nox.Session) -> None:
     """Real external components: Node.js SDK clients (npm ci from the lock file)."""
     session.install("-e", ".[test]")
     session.run("npm", "ci", "--no-audit", "--no-fund", "--prefix", "tests/e2e/js", external=True)
-    session.run("pytest", "-m", "e2e", *session.posargs)
+    session.run("pytest", "-m", "e2e", "--ignore=tests/e2e/test_lnbits.py", *session.posargs)
+
+
+@nox.session
+def lnbits(session: nox.Session) -> None:
+    """The Lightning tests against a real LNbits (FakeWallet) in its own virtualenv."""
+    session.install("-e", ".[test]")
+    venv = Path(session.virtualenv.location).parent / "lnbits-server"
+    lnbits_bin = venv / "bin" / "lnbits"
+    if not lnbits_bin.exists():
+        session.run("python3", "-m", "venv", str(venv), external=True)
+        session.run(
+            str(venv / "bin" / "pip"),
+            "install",
+            "--quiet",
+            "lnbits==1.6.2",
+            "bitstring<5",
+            external=True,
+        )
+    session.run(
+        "pytest",
+        "-m",
+        "e2e",
+        "tests/e2e/test_lnbits.py",
+        *session.posargs,
+        env={"ROUTECAT_TEST_LNBITS": str(lnbits_bin)},
+    )
 
 
 @nox.session

@@ -29,7 +29,7 @@ class Running:
         return httpx.AsyncClient(base_url=self.url, timeout=30, **kwargs)
 
 
-def make_config(tmp_path: Path, **overrides: Any) -> Config:
+def make_config(tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
     settings: dict[str, Any] = {
         "database": str(tmp_path / "routecat.db"),
         "port": 0,
@@ -40,7 +40,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     settings.update(overrides)
     from routecat.config import load_config
 
-    return load_config(flags=settings, environ={})
+    return load_config(flags=settings, environ=environ or {})
 
 
 async def start_gateway(nursery: trio.Nursery, config: Config) -> Running:
@@ -158,7 +158,9 @@ async def start_node(
     return Node(agent, scope, stopped, refused)
 
 
-def network_config(tmp_path: Path, **overrides: Any) -> Config:
+def network_config(
+    tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any
+) -> Config:
     settings: dict[str, Any] = {
         "heartbeat_interval": "0.5",
         "queue_timeout": "3",
@@ -169,7 +171,7 @@ def network_config(tmp_path: Path, **overrides: Any) -> Config:
         "rate_limit_per_minute": "100000",
     }
     settings.update(overrides)
-    return make_config(tmp_path, **settings)
+    return make_config(tmp_path, environ, **settings)
 
 
 @attrs.define(eq=False)
@@ -197,9 +199,10 @@ async def start_network(
     backend: str = "ollama",
     max_jobs: int = 4,
     credit_sats: int = 1_000_000,
+    environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Network:
-    gateway = await start_gateway(nursery, network_config(tmp_path, **overrides))
+    gateway = await start_gateway(nursery, network_config(tmp_path, environ, **overrides))
     settled: dict[str, int] = {}
     inner = gateway.gw.scheduler.on_complete
 

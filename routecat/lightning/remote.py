@@ -271,6 +271,7 @@ class LndRest:
     client: httpx.AsyncClient
     network: str = "bitcoin"
     name: str = "lnd"
+    pay_timeout: float = 90.0
 
     def _headers(self) -> dict[str, str]:
         return {"Grpc-Metadata-macaroon": self.macaroon}
@@ -339,7 +340,7 @@ class LndRest:
                 f"{self.url}/v2/router/send",
                 json=body,
                 headers=self._headers(),
-                timeout=httpx.Timeout(90.0, connect=10.0),
+                timeout=httpx.Timeout(self.pay_timeout, connect=10.0),
             ) as r:
                 if r.status_code in DEFINITE:
                     return Payment(

@@ -8,6 +8,7 @@ group; a server that never answers fails the tests loudly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -138,10 +139,8 @@ def start_lnbits(workdir: Path) -> Iterator[LNbits]:
         r.raise_for_status()
         yield LNbits(url, r.json()["access_token"], process)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:

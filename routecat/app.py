@@ -145,6 +145,10 @@ def create_app(gw: Gateway) -> QuartTrio:
         )
         return error_response(errors.ApiError("internal error; the request id names it"))
 
+    from routecat.web import create_web
+
+    app.register_blueprint(create_web(gw))
+
     # -- operational endpoints --
 
     @app.get("/healthz")

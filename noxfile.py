@@ -35,8 +35,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """Real external components: Node.js SDK clients (npm ci from the lock file)."""
-    session.install("-e", ".[test]")
+    """Real external components: Node.js SDK clients (npm ci from the lock file) and the
+    web pages in Debian's chromium (installed by .ci/run; never a downloaded browser)."""
+    session.install("-e", ".[test,browser]")
     session.run("npm", "ci", "--no-audit", "--no-fund", "--prefix", "tests/e2e/js", external=True)
     session.run("pytest", "-m", "e2e", "--ignore=tests/e2e/test_lnbits.py", *session.posargs)
 

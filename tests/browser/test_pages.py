@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import trio
-from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import start_network
 from tests.fakes import Knobs
@@ -25,7 +24,15 @@ CHROMIUM = os.environ.get("ROUTECAT_CHROMIUM", "/usr/bin/chromium")
 EVIL = "<img src=x onerror=alert(1)>"
 
 
+def expect(locator: Any) -> Any:
+    # Imported here: the default (non-e2e) session collects this file without playwright.
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
 def in_browser(script: Callable[[Any], None], *, phone: bool = False) -> None:
+    from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is required (apt-get install chromium)"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

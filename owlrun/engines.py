@@ -21,6 +21,11 @@ import httpx
 from owlrun.errors import EngineError
 from owlrun.protocol import Delta, Job, ModelInfo, Usage
 
+# A chat template adds a few tokens per message (role markers) and per prompt (the
+# assistant's opening); counted on ChatML-style templates.
+TEMPLATE_TOKENS_PER_MESSAGE = 3
+TEMPLATE_TOKENS_PER_PROMPT = 3
+
 
 @attrs.frozen
 class Finish:

@@ -54,13 +54,11 @@ def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>".encode())
         types.append(6)  # BYTE
-    for word in WORDS:
-        for piece in (word, "\u2581" + word):
-            tokens.append(piece.encode())
-            types.append(1)  # NORMAL
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        tokens.append(("\u2581" + ch).encode())
-        types.append(1)
+    pieces = [p for word in WORDS for p in (word, "\u2581" + word)]
+    pieces += ["\u2581" + ch for ch in "abcdefghijklmnopqrstuvwxyz"]
+    for piece in dict.fromkeys(pieces):  # each piece once
+        tokens.append(piece.encode())
+        types.append(1)  # NORMAL
     scores = [0.0] * 5 + [-1000.0] * 256 + [-float(i) for i in range(len(tokens) - 261)]
     return tokens, scores, types
 
@@ -104,10 +102,10 @@ def main(path: str) -> None:
         tensor(f"blk.{i}.ffn_down.weight", HIDDEN, FF)
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
     logits = (rng.standard_normal((vocab, HIDDEN)) * 1.0).astype(np.float32)
-    # End tokens get a constant logit of 0 while some other token almost surely scores
-    # higher under greedy decoding: long streams stay long.
-    logits[2] = 0.0
-    logits[4] = 0.0
+    # End tokens and byte tokens get a constant logit of 0 while some word piece almost
+    # surely scores higher under greedy decoding: long streams stay long, and the output
+    # is whole words (random bytes would make invalid UTF-8, which servers hold back).
+    logits[:261] = 0.0
     w.add_tensor("output.weight", logits)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -1,0 +1,191 @@
+"""owlrun in front of a real llama.cpp engine (llama-cpp-python's server), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.conftest import Network, start_network, start_node
+from tests.engine.conftest import SMOL, TINY, Engine
+from tests.fakes import FakeEngine
+from tests.test_network import read_sse, text_of
+
+pytestmark = pytest.mark.e2e
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+async def network_for(
+    nursery: trio.Nursery, tmp_path: Path, engine: Engine, **overrides: Any
+) -> Network:
+    net = await start_network(
+        nursery,
+        tmp_path,
+        nodes=0,
+        first_token_timeout="60",
+        inter_token_timeout="30",
+        queue_timeout="120",
+        **overrides,
+    )
+    # The real engine: owlrun with --backend openai, one job at a time (this server is serial).
+    node = await start_node(
+        nursery, net.url, FakeEngine(url=engine.url), backend="openai", max_jobs=1
+    )
+    net.nodes.append(node)
+    return net
+
+
+def tiny_chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": TINY,
+        "messages": [{"role": "user", "content": text}],
+        "temperature": 0,
+        "seed": 1,
+        **extra,
+    }
+
+
+async def direct_stream(engine: Engine, body: dict[str, Any]) -> str:
+    async with (
+        httpx.AsyncClient(base_url=engine.url, timeout=120) as c,
+        c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r,
+    ):
+        events, _, _ = await read_sse(r)
+    return text_of(events)
+
+
+async def test_smollm2_answers_through_the_gateway(
+    nursery: trio.Nursery, tmp_path: Path, smol_engine: Engine
+) -> None:
+    with trio.fail_after(300):
+        net = await network_for(nursery, tmp_path, smol_engine)
+        client = openai.AsyncOpenAI(
+            base_url=net.url + "/v1", api_key=net.key, max_retries=0, timeout=120
+        )
+        models = [m.id async for m in client.models.list()]
+        assert models == [SMOL]  # exactly what the engine serves
+        question = [
+            {"role": "user", "content": "What is the capital of France? Answer in one word."}
+        ]
+        r = await client.chat.completions.create(
+            model=SMOL, messages=question, temperature=0, max_tokens=20
+        )  # type: ignore[arg-type]
+        assert "Paris" in (r.choices[0].message.content or "")
+        assert r.usage is not None and r.usage.completion_tokens > 0
+        stream = await client.chat.completions.create(
+            model=SMOL, messages=question, temperature=0, max_tokens=20, stream=True
+        )  # type: ignore[arg-type]
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert "Paris" in text
+        await client.close()
+
+
+async def test_tiny_model_exact_content_and_max_tokens(
+    nursery: trio.Nursery, tmp_path: Path, tiny_engine: Engine
+) -> None:
+    with trio.fail_after(300):
+        net = await network_for(nursery, tmp_path, tiny_engine)
+        body = tiny_chat("hello routecat", max_tokens=24)
+        expected = await direct_stream(tiny_engine, body)
+        assert expected  # deterministic gibberish, but not nothing
+        async with net.client() as c:
+            async with c.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={**body, "stream": True, "stream_options": {"include_usage": True}},
+            ) as r:
+                events, done, _ = await read_sse(r)
+            assert done
+            assert text_of(events) == expected
+            assert [e["choices"][0]["finish_reason"] for e in events if e.get("choices")][
+                -1
+            ] == "length"
+            streamed_usage = events[-1]["usage"]
+            r2 = await c.post("/v1/chat/completions", json=body)
+            assert r2.json()["choices"][0]["message"]["content"] == expected
+            # max_completion_tokens is honoured too (this engine ignores it: owlrun maps it).
+            r3 = await c.post(
+                "/v1/chat/completions",
+                json={**tiny_chat("hello routecat"), "max_completion_tokens": 5},
+            )
+            assert r3.json()["usage"]["completion_tokens"] <= 6
+            assert r3.json()["choices"][0]["finish_reason"] == "length"
+        # Billed usage agrees with the engine's own non-stream count.
+        async with httpx.AsyncClient(base_url=tiny_engine.url, timeout=120) as d:
+            own = (await d.post("/v1/chat/completions", json=body)).json()["usage"]
+        assert own["completion_tokens"] == 24
+        # This engine sends no usage when streaming: owlrun counted what it streamed.
+        assert streamed_usage["completion_tokens"] == own["completion_tokens"]
+        # (The prompt's count is checked with SmolLM2's real tokenizer: this vocabulary
+        # spells the template's role names byte by byte, unlike any real model.)
+
+
+async def test_disconnect_stops_generation_and_frees_the_engine(
+    nursery: trio.Nursery, tmp_path: Path, tiny_engine: Engine
+) -> None:
+    with trio.fail_after(300):
+        net = await network_for(nursery, tmp_path, tiny_engine)
+        async with net.client() as c:
+            async with c.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=tiny_chat("a long story", max_tokens=1900, stream=True),
+            ) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        seen += 1
+                    if seen >= 20:
+                        break
+            await trio.sleep(1.0)  # the cancel reaches the engine
+            before = cpu_seconds(tiny_engine.process.pid)
+            await trio.sleep(1.0)
+            idle = cpu_seconds(tiny_engine.process.pid) - before
+            assert idle < 0.3, f"the engine kept generating ({idle:.2f} s of CPU in 1 s)"
+            started = time.monotonic()
+            r2 = await c.post("/v1/chat/completions", json=tiny_chat("next please", max_tokens=8))
+            assert r2.status_code == 200
+            assert r2.json()["usage"]["completion_tokens"] >= 7
+            assert time.monotonic() - started < 20
+
+
+async def test_concurrent_clients_all_answered(
+    nursery: trio.Nursery, tmp_path: Path, tiny_engine: Engine
+) -> None:
+    with trio.fail_after(300):
+        net = await network_for(nursery, tmp_path, tiny_engine)
+        prompts = [f"client number {i} says hi" for i in range(5)]
+        expected = {
+            p: await direct_stream(tiny_engine, tiny_chat(p, max_tokens=16)) for p in prompts
+        }
+        results: dict[str, str] = {}
+        async with net.client() as c:
+
+            async def ask(prompt: str) -> None:
+                async with c.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=tiny_chat(prompt, max_tokens=16, stream=True),
+                ) as r:
+                    events, done, _ = await read_sse(r)
+                    assert done
+                    results[prompt] = text_of(events)
+
+            async with trio.open_nursery() as inner:
+                for p in prompts:
+                    inner.start_soon(ask, p)
+        assert results == expected
+        assert json.dumps(results)  # all distinct clients got their own answer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,118 @@ async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[fl
     return n / elapsed, used
 
 
+async def stream_tokens_per_second(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], runs: int
+) -> float:
+    """Median tokens per second of whole streams (chunks / wall time)."""
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        chunks = 0
+        async with client.stream("POST", url, json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    chunks += 1
+        rates.append(chunks / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+async def bench_real_engine(
+    gateway_url: str, key: str, tmp: str, rows: list[tuple[str, str]]
+) -> None:
+    """Tokens per second of a real llama.cpp engine (the generated tiny model), direct vs
+    through gateway + owlrun, streamed."""
+    python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON")
+    if not python:
+        rows.append(
+            ("real engine", "skipped: ROUTECAT_TEST_ENGINE_PYTHON not set (run nox -s bench)")
+        )
+        return
+    model = f"{tmp}/tiny.gguf"
+    await trio.run_process([python, "tests/engine/tiny_model.py", model])
+    port = 18000 + os.getpid() % 1000
+    engine_url = f"http://127.0.0.1:{port}"
+    with open(f"{tmp}/engine.log", "wb") as log:
+        engine = await trio.lowlevel.open_process(
+            [
+                python,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                model,
+                "--model_alias",
+                "tiny:test",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "1",
+                "--interrupt_requests",
+                "False",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        agent = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "owlrun",
+                "--gateway",
+                gateway_url,
+                "--backend",
+                "openai",
+                "--backend-url",
+                engine_url,
+                "--config",
+                f"{tmp}/node.json",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        async with httpx.AsyncClient(timeout=120) as c:
+            with trio.fail_after(120):
+                while True:
+                    try:
+                        models = (await c.get(f"{gateway_url}/v1/models")).json()["data"]
+                        if any(m["id"] == "tiny:test" for m in models):
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await trio.sleep(0.3)
+            body = {
+                "model": "tiny:test",
+                "messages": [{"role": "user", "content": "tell a story"}],
+                "temperature": 0,
+                "max_tokens": 512,
+                "stream": True,
+            }
+            direct = await stream_tokens_per_second(c, f"{engine_url}/v1/chat/completions", body, 5)
+            c.headers["Authorization"] = f"Bearer {key}"
+            gateway = await stream_tokens_per_second(
+                c, f"{gateway_url}/v1/chat/completions", body, 5
+            )
+        rows.append(
+            (
+                "real engine (llama.cpp, tiny model) streamed tokens/s direct / gateway",
+                f"{direct:.0f} / {gateway:.0f} tok/s (x{gateway / direct:.2f})",
+            )
+        )
+    finally:
+        for proc in (agent, engine):
+            proc.terminate()
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+
+
 async def main() -> None:
     quick = "--quick" in sys.argv
     n = 300 if quick else 2000
@@ -298,6 +411,8 @@ async def main() -> None:
                 )
             )
             await direct.aclose()
+
+            await bench_real_engine(url, key, tmp, rows)
 
             # Memory per open stream.
             streams = 200 if quick else 1000

@@ -284,8 +284,25 @@ register_exact(converter, Literal["chat", "completion"], _literal_kind)
 
 
 def encode(message: Message) -> str:
+    if isinstance(message, Chunk):  # the hot path: one per token
+        delta = {"content": message.delta.content, "tool_calls": message.delta.tool_calls}
+        return json.dumps(
+            {"type": "chunk", "job_id": message.job_id, "delta": delta}, separators=(",", ":")
+        )
     data = converter.unstructure(message)
     return json.dumps({"type": message.type, **data}, separators=(",", ":"))
+
+
+def _decode_chunk(data: dict[str, Any]) -> Chunk:
+    """The hot path (one frame per token), checked by hand as strictly as the converter."""
+    job_id, delta = data.get("job_id"), data.get("delta")
+    if isinstance(job_id, str) and isinstance(delta, dict):
+        content, calls = delta.get("content"), delta.get("tool_calls")
+        if (content is None or isinstance(content, str)) and (
+            calls is None or (isinstance(calls, list) and all(isinstance(c, dict) for c in calls))
+        ):
+            return Chunk(job_id, Delta(content, calls))
+    raise ProtocolError("invalid chunk message: job_id must be a string, delta an object")
 
 
 def decode(frame: str | bytes) -> Message:
@@ -296,6 +313,8 @@ def decode(frame: str | bytes) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError("frame is not a JSON object")
     kind = data.pop("type", None)
+    if kind == "chunk":
+        return _decode_chunk(data)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")

@@ -72,6 +72,11 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
         await gw.payouts.reconcile()
         return json_response({"topups_credited": credited})
 
+    @app.post("/keys/invalidate")
+    async def invalidate_keys() -> Response:
+        gw.keys.invalidate()
+        return json_response({"invalidated": True})
+
     @app.get("/status")
     async def status() -> Response:
         return json_response(

@@ -146,6 +146,14 @@ def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _forget_keys(config: Config) -> None:
+    """Make a running gateway drop its cached keys (revoke and rotate act at once)."""
+    from routecat.admin import admin_call
+
+    with contextlib.suppress(LookupError):
+        admin_call(config.database, "POST", "/keys/invalidate")
+
+
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     from routecat.server import open_store
 
@@ -157,9 +165,11 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
                 print(f"{k.prefix}...  {state:8} {k.created_at}  {k.name}")
         elif args.action == "revoke":
             record = keys_mod.revoke_key(store, args.prefix)
+            _forget_keys(config)
             print(f"revoked {record.prefix}... ({record.name})")
         elif args.action == "rotate":
             record, key = keys_mod.rotate_key(store, args.prefix)
+            _forget_keys(config)
             print(f"new key for {record.name} (shown once): {key}")
         elif args.action == "credit":
             if args.sats <= 0:

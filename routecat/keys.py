@@ -11,6 +11,8 @@ import hashlib
 import re
 import secrets
 import string
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import attrs
@@ -96,11 +98,25 @@ def insert_key(db: sqlite_utils.Database, name: str, key: str) -> ApiKey:
     return ApiKey(cursor.lastrowid, key[:PREFIX_LENGTH], name, created)
 
 
+CACHE_TTL = 30.0
+CACHE_MAX = 100_000
+
+
 @attrs.define(eq=False)
 class KeyRing:
-    """Registers and authenticates keys against the store."""
+    """Registers and authenticates keys against the store.
+
+    Valid keys are cached in memory by hash for ``CACHE_TTL`` seconds, so a request
+    costs no database read; the operator's revoke and rotate commands clear the cache
+    of the running gateway through the admin socket, so they take effect at once.
+    """
 
     store: Store
+    clock: Callable[[], float] = time.monotonic
+    _cache: dict[str, tuple[ApiKey, float]] = attrs.Factory(dict)
+
+    def invalidate(self) -> None:
+        self._cache.clear()
 
     async def register(self, name: str) -> tuple[ApiKey, str]:
         name = clean_name(name)
@@ -111,12 +127,20 @@ class KeyRing:
     async def authenticate(self, header: str | None) -> ApiKey:
         key = parse_bearer(header)
         digest = hash_key(key)
+        now = self.clock()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
         row = await self.store.read(
             lambda db: one(db, "SELECT * FROM api_keys WHERE key_hash = ?", (digest,))
         )
         if row is None or row["revoked_at"] is not None:
             raise InvalidApiKey("unknown or revoked API key")
-        return _from_row(row)
+        record = _from_row(row)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[digest] = (record, now + CACHE_TTL)
+        return record
 
 
 # -- operator commands (synchronous, offline) ----------------------------------------

@@ -135,6 +135,13 @@ def free_used(db: sqlite_utils.Database, key_id: int, day: str) -> int:
     return int(row[0]) if row else 0
 
 
+def give_back_free_request(db: sqlite_utils.Database, key_id: int, day: str) -> None:
+    db.conn.execute(
+        "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
+        (key_id, day),
+    )
+
+
 def subsidy_spent(db: sqlite_utils.Database, day: str) -> int:
     row = one(db, "SELECT spent_msat FROM subsidy_days WHERE day = ?", (day,))
     return int(row[0]) if row else 0
@@ -231,10 +238,7 @@ class Billing:
 
         def undo(db: sqlite_utils.Database) -> None:
             if book.release(db, spec.job_id) and admission.free:
-                db.conn.execute(
-                    "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
-                    (spec.key_id, admission.day),
-                )
+                give_back_free_request(db, spec.key_id, admission.day)
 
         await self.store.write(undo)
 
@@ -297,10 +301,7 @@ class Billing:
                 )
                 if not result.delivered and result.outcome != "done":
                     # A free request that failed before its first token keeps its quota.
-                    db.conn.execute(
-                        "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
-                        (spec.key_id, admission.day),
-                    )
+                    give_back_free_request(db, spec.key_id, admission.day)
             if charge:
                 record_job(db, result, usage, cost, provider_share, admission.free)
             return Bill(usage.prompt_tokens, usage.completion_tokens, cost)

@@ -200,10 +200,8 @@ class Scheduler:
                 param="model",
             )
 
-    async def _acquire(self, spec: JobSpec, exclude: list[str], deadline: float) -> Attempt:
-        """A slot on the best node for ``spec.model``, waiting (bounded) when all are busy."""
-        if not self.accepting:
-            raise ServiceUnavailable("the gateway is shutting down", retry_after=5)
+    def _try_slot(self, spec: JobSpec, exclude: list[str]) -> Attempt | None:
+        """A free slot now, None if all are busy; 503 if no eligible node is online."""
         node = self.registry.pick(spec.model, exclude)
         if node is not None:
             return node.open_attempt(spec.job_id)
@@ -211,6 +209,15 @@ class Scheduler:
             raise ServiceUnavailable(
                 f"no node serving '{spec.model}' is online right now", retry_after=10
             )
+        return None
+
+    async def _acquire(self, spec: JobSpec, exclude: list[str], deadline: float) -> Attempt:
+        """A slot on the best node for ``spec.model``, waiting (bounded) when all are busy."""
+        if not self.accepting:
+            raise ServiceUnavailable("the gateway is shutting down", retry_after=5)
+        attempt = self._try_slot(spec, exclude)
+        if attempt is not None:
+            return attempt
         if self.waiting >= self.config.queue_max:
             raise ServiceUnavailable("every node is busy and the wait queue is full", retry_after=5)
         self.waiting += 1
@@ -221,13 +228,9 @@ class Scheduler:
                     await self.registry.wait_changed()
                     if not self.accepting:
                         break
-                    node = self.registry.pick(spec.model, exclude)
-                    if node is not None:
-                        return node.open_attempt(spec.job_id)
-                    if not [n for n in self.registry.serving(spec.model) if n.id not in exclude]:
-                        raise ServiceUnavailable(
-                            f"no node serving '{spec.model}' is online right now", retry_after=10
-                        )
+                    attempt = self._try_slot(spec, exclude)
+                    if attempt is not None:
+                        return attempt
         finally:
             self.waiting -= 1
             self.metrics.queue_depth.set(self.waiting)

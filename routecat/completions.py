@@ -22,7 +22,7 @@ from owlrun.protocol import Delta
 from routecat import errors
 from routecat.app import json_response, read_json
 from routecat.gateway import Gateway
-from routecat.scheduler import Bill, Failure, Final, JobHandle, JobSpec, mint_job_id
+from routecat.scheduler import Bill, Event, Failure, Final, JobHandle, JobSpec, mint_job_id
 from routecat.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
 from routecat.usage import prompt_bound
 
@@ -158,38 +158,58 @@ def stream_response(
     include_usage = body.include_usage
     keepalive = gw.config.keepalive_interval
 
+    def render(event: Event) -> tuple[bytes, bool]:
+        """One event as SSE bytes, and whether the stream ends with it."""
+        if isinstance(event, Delta):
+            chunk = shape.chunk(event)
+            if include_usage:
+                chunk["usage"] = None
+            return _sse(chunk), False
+        if isinstance(event, Final):
+            chunk = shape.chunk(None, event.finish_reason)
+            if include_usage:
+                chunk["usage"] = None
+            usage = _sse(shape.usage_chunk(event.bill)) if include_usage else b""
+            return _sse(chunk) + usage + b"data: [DONE]\n\n", True
+        return _sse(event.error.body()), True
+
+    # The job ended without a final event (shutdown): an error, and no [DONE].
+    stopped = _sse(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5).body())
+
     async def events() -> AsyncIterator[bytes]:
         try:
             while True:
-                with trio.move_on_after(keepalive) as timer:
-                    try:
-                        event = await handle.events.receive()
-                    except trio.EndOfChannel:
-                        # The job ended without a final event (shutdown): no [DONE].
-                        error = errors.ServiceUnavailable(
-                            "the gateway stopped the job", retry_after=5
-                        )
-                        yield _sse(error.body())
-                        return
-                if timer.cancelled_caught:
-                    yield b": ping\n\n"
-                    continue
-                if isinstance(event, Delta):
-                    chunk = shape.chunk(event)
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield _sse(chunk)
-                elif isinstance(event, Final):
-                    chunk = shape.chunk(None, event.finish_reason)
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield _sse(chunk)
-                    if include_usage:
-                        yield _sse(shape.usage_chunk(event.bill))
-                    yield b"data: [DONE]\n\n"
+                try:
+                    event = handle.events.receive_nowait()  # the common case, no timer
+                except trio.WouldBlock:
+                    with trio.move_on_after(keepalive) as timer:
+                        try:
+                            event = await handle.events.receive()
+                        except trio.EndOfChannel:
+                            yield stopped
+                            return
+                    if timer.cancelled_caught:
+                        yield b": ping\n\n"
+                        continue
+                except trio.EndOfChannel:
+                    yield stopped
                     return
-                elif isinstance(event, Failure):
-                    yield _sse(event.error.body())
+                data, ended = render(event)
+                # Chunks that arrived together leave in one write (one syscall, not many).
+                parts = [data]
+                while not ended and len(parts) < 64:
+                    try:
+                        event = handle.events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        parts.append(stopped)
+                        ended = True
+                        break
+                    data, ended = render(event)
+                    parts.append(data)
+                yield b"".join(parts)
+                if ended:
                     return
         finally:
             handle.cancel_nowait("client_gone")

@@ -377,6 +377,16 @@ class Scheduler:
 
     async def _emit(self, handle: JobHandle, event: Event) -> None:
         """Hand an event to the view; a view gone or stalled for minutes means the client is gone."""
+        try:
+            handle._send.send_nowait(event)  # the common case: room in the buffer
+            await trio.lowlevel.checkpoint()
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            handle.cancel_reason = handle.cancel_reason or "client_gone"
+            handle.scope.cancel()
+            return
         with trio.move_on_after(CLIENT_STALL_TIMEOUT) as timer:
             try:
                 await handle._send.send(event)

@@ -29,12 +29,14 @@ from owlrun.engines import Engine, Finish
 from owlrun.errors import EngineError, RefusedError
 from owlrun.identity import Identity
 from owlrun.protocol import (
+    MAX_BATCH,
     NODE_HEADER,
     PROTOCOL_VERSION,
     SECRET_HEADER,
     WS_PATH,
     Cancel,
     Chunk,
+    Chunks,
     Done,
     Drain,
     Earnings,
@@ -289,7 +291,30 @@ class Agent:
     async def _sender(
         self, ws: trio_websocket.WebSocketConnection, outbox: trio.MemoryReceiveChannel[Message]
     ) -> None:
-        async for message in outbox:
+        held: Message | None = None
+        while True:
+            if held is not None:
+                message, held = held, None
+            else:
+                try:
+                    message = await outbox.receive()
+                except trio.EndOfChannel:
+                    break
+            if isinstance(message, Chunk):
+                # A fast engine's tokens that are already waiting leave in one frame.
+                deltas = [message.delta]
+                while len(deltas) < MAX_BATCH:
+                    try:
+                        following = outbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if isinstance(following, Chunk) and following.job_id == message.job_id:
+                        deltas.append(following.delta)
+                    else:
+                        held = following  # order is kept: it goes next
+                        break
+                if len(deltas) > 1:
+                    message = Chunks(job_id=message.job_id, deltas=deltas)
             await ws.send_message(encode(message))
         self._flushed.set()  # the outbox was closed (drain) and every frame is sent
 

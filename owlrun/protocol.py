@@ -192,6 +192,16 @@ class Chunk:
 
 
 @attrs.frozen
+class Chunks:
+    """Several consecutive chunks of one job in one frame (a fast engine's tokens that
+    were waiting together in the agent's send queue)."""
+
+    type: ClassVar[str] = "chunks"
+    job_id: str
+    deltas: list[Delta]
+
+
+@attrs.frozen
 class Done:
     type: ClassVar[str] = "done"
     job_id: str
@@ -246,6 +256,7 @@ Message = (
     | Heartbeat
     | Job
     | Chunk
+    | Chunks
     | Done
     | JobError
     | Cancel
@@ -263,6 +274,7 @@ MESSAGE_TYPES: dict[str, type[Any]] = {
         Heartbeat,
         Job,
         Chunk,
+        Chunks,
         Done,
         JobError,
         Cancel,
@@ -293,16 +305,31 @@ def encode(message: Message) -> str:
     return json.dumps({"type": message.type, **data}, separators=(",", ":"))
 
 
-def _decode_chunk(data: dict[str, Any]) -> Chunk:
-    """The hot path (one frame per token), checked by hand as strictly as the converter."""
-    job_id, delta = data.get("job_id"), data.get("delta")
-    if isinstance(job_id, str) and isinstance(delta, dict):
+MAX_BATCH = 256
+
+
+def _delta(delta: Any) -> Delta:
+    if isinstance(delta, dict):
         content, calls = delta.get("content"), delta.get("tool_calls")
         if (content is None or isinstance(content, str)) and (
             calls is None or (isinstance(calls, list) and all(isinstance(c, dict) for c in calls))
         ):
-            return Chunk(job_id, Delta(content, calls))
-    raise ProtocolError("invalid chunk message: job_id must be a string, delta an object")
+            return Delta(content, calls)
+    raise ProtocolError("invalid delta: content must be a string, tool_calls a list of objects")
+
+
+def _decode_chunk(data: dict[str, Any]) -> Chunk | Chunks:
+    """The hot path (one frame per token or batch), checked by hand as strictly as the
+    converter would."""
+    job_id = data.get("job_id")
+    if not isinstance(job_id, str):
+        raise ProtocolError("invalid chunk message: job_id must be a string")
+    if "deltas" in data:
+        deltas = data["deltas"]
+        if not isinstance(deltas, list) or not 1 <= len(deltas) <= MAX_BATCH:
+            raise ProtocolError(f"invalid chunks message: 1 to {MAX_BATCH} deltas")
+        return Chunks(job_id, [_delta(d) for d in deltas])
+    return Chunk(job_id, _delta(data.get("delta")))
 
 
 def decode(frame: str | bytes) -> Message:
@@ -313,7 +340,9 @@ def decode(frame: str | bytes) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError("frame is not a JSON object")
     kind = data.pop("type", None)
-    if kind == "chunk":
+    if kind == "chunk" or kind == "chunks":
+        if (kind == "chunks") != ("deltas" in data):
+            raise ProtocolError(f"invalid {kind} message")
         return _decode_chunk(data)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

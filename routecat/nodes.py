@@ -30,6 +30,7 @@ from owlrun.protocol import (
     PROTOCOL_VERSION,
     SECRET_HEADER,
     Chunk,
+    Chunks,
     Done,
     Drain,
     Hardware,
@@ -58,7 +59,7 @@ INBOX_SIZE = 1024
 OUTBOX_SIZE = 1024
 EMA = 0.2
 
-NodeFrame = Chunk | Done | JobError
+NodeFrame = Chunk | Chunks | Done | JobError
 
 
 @attrs.define(eq=False)
@@ -442,7 +443,7 @@ async def _receive_loop(
         except ProtocolError as exc:
             link.close(f"protocol violation: {exc}")
             return
-        if isinstance(message, Chunk | Done | JobError):
+        if isinstance(message, Chunk | Chunks | Done | JobError):
             attempt = link.attempts.get(message.job_id)
             if attempt is None:
                 link.close(f"{message.type} frame for a job it does not hold")

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from owlrun.protocol import Chunk, Delta, Done, Job, JobError, Usage
+from owlrun.protocol import Chunk, Chunks, Delta, Done, Job, JobError, Usage
 from routecat.config import Config
 from routecat.errors import ApiError, ServiceUnavailable, UpstreamError
 from routecat.metrics import Metrics
@@ -413,16 +413,16 @@ class Scheduler:
                 raise _NodeFailed(
                     f"{which} timeout ({timeout:g}s)", retryable=True, outcome="timeout"
                 )
-            if isinstance(frame, Chunk):
-                delta = frame.delta
-                if not delta.content and not delta.tool_calls:
-                    continue
-                if first:
-                    progress.first_token_at = self.clock()
-                    first = False
-                progress.chunks += 1
-                progress.bytes += _delta_bytes(delta)
-                await self._emit(handle, delta)
+            if isinstance(frame, Chunk | Chunks):
+                for delta in frame.deltas if isinstance(frame, Chunks) else (frame.delta,):
+                    if not delta.content and not delta.tool_calls:
+                        continue
+                    if first:
+                        progress.first_token_at = self.clock()
+                        first = False
+                    progress.chunks += 1
+                    progress.bytes += _delta_bytes(delta)
+                    await self._emit(handle, delta)
             elif isinstance(frame, Done):
                 progress.done = frame
                 return

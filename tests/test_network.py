@@ -58,6 +58,24 @@ async def wait_for(predicate: Any, timeout: float = 5) -> None:
             await trio.sleep(0.02)
 
 
+def test_chunk_frames_round_trip_and_batches() -> None:
+    from owlrun.protocol import Chunk, Chunks, Delta, ProtocolError
+
+    one = Chunk("job1", Delta("hi", [{"index": 0, "function": {"arguments": "{}"}}]))
+    batch = Chunks("job1", [Delta("a"), Delta(None, [{"index": 0}]), Delta("b")])
+    assert decode(encode(one)) == one
+    assert decode(encode(batch)) == batch
+    for bad in (
+        {"type": "chunk", "job_id": "j"},
+        {"type": "chunk", "job_id": "j", "delta": {"content": 1}},
+        {"type": "chunks", "job_id": "j", "deltas": [{"content": "a"}] * 300},
+        {"type": "chunks", "job_id": "j", "delta": {"content": "a"}},
+        {"type": "chunk", "job_id": "j", "deltas": [{"content": "a"}]},
+    ):
+        with pytest.raises(ProtocolError):
+            decode(json.dumps(bad))
+
+
 async def test_models_appear_and_disappear(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(20):
         net = await start_network(

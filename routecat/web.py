@@ -24,7 +24,7 @@ from quart import Blueprint, Response, render_template, request
 from ledger import book
 from ledger.store import rows
 from routecat import errors
-from routecat.app import audit_page, gw_stats, model_list
+from routecat.app import audit_page, gw_stats, model_list, remote_ip
 from routecat.gateway import Gateway
 from routecat.nodes import hash_secret
 
@@ -140,6 +140,9 @@ def create_web(gw: Gateway) -> Blueprint:
     def base_url() -> str:
         return (gw.config.public_url or request.host_url).rstrip("/")
 
+    def limit() -> None:
+        gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
+
     async def page(template: str, **context: Any) -> Response:
         html = await render_template(template, base_url=base_url(), active=template, **context)
         response = Response(html, content_type="text/html; charset=utf-8")
@@ -150,6 +153,7 @@ def create_web(gw: Gateway) -> Blueprint:
 
     @web.get("/")
     async def account() -> Response:
+        limit()
         return await page(
             "account.html",
             quota=gw.config.free_daily_requests,
@@ -160,10 +164,12 @@ def create_web(gw: Gateway) -> Blueprint:
 
     @web.get("/pricing")
     async def pricing() -> Response:
+        limit()
         return await page("pricing.html", models=model_list(gw), rates=gw.rates.describe())
 
     @web.get("/network")
     async def network() -> Response:
+        limit()
         stats = await gw_stats(gw)
         now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 
@@ -183,6 +189,7 @@ def create_web(gw: Gateway) -> Blueprint:
 
     @web.get("/audit")
     async def audit() -> Response:
+        limit()
         raw = request.args.get("page", "1")
         current = int(raw) if raw.isdigit() and int(raw) >= 1 else 1
         per_page = 25
@@ -192,6 +199,7 @@ def create_web(gw: Gateway) -> Blueprint:
 
     @web.route("/providers", methods=["GET", "POST"])
     async def providers() -> Response:
+        limit()
         node_id = request.args.get("node", "").strip()
         history: list[dict[str, Any]] | None = None
         denied = False
@@ -235,10 +243,12 @@ def create_web(gw: Gateway) -> Blueprint:
 
     @web.get("/docs")
     async def docs() -> Response:
+        limit()
         return await page("docs.html", models=model_list(gw))
 
     @web.get("/qr.svg")
     async def qr() -> Response:
+        limit()
         data = request.args.get("data", "")
         if not data or len(data) > 2000:
             raise errors.InvalidRequest("data: 1 to 2000 characters", param="data")

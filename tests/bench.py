@@ -188,6 +188,8 @@ async def bench_real_engine(
 ) -> None:
     """Tokens per second of a real llama.cpp engine (the generated tiny model), direct vs
     through gateway + owlrun, streamed."""
+    from tests.engine.conftest import llama_server_command
+
     python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON")
     if not python:
         rows.append(
@@ -200,25 +202,7 @@ async def bench_real_engine(
     engine_url = f"http://127.0.0.1:{port}"
     with open(f"{tmp}/engine.log", "wb") as log:
         engine = await trio.lowlevel.open_process(
-            [
-                python,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                model,
-                "--model_alias",
-                "tiny:test",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "2048",
-                "--n_threads",
-                "1",
-                "--interrupt_requests",
-                "False",
-            ],
+            llama_server_command(python, model, "tiny:test", port),
             stdout=log,
             stderr=log,
         )

@@ -29,6 +29,16 @@ class Engine:
     process: subprocess.Popen[bytes]
 
 
+def llama_server_command(python: str, model: str, alias: str, port: int) -> list[str]:
+    """llama-cpp-python's OpenAI server as the docs tell providers to run it: one
+    thread, and never cutting a running stream off for a new request."""
+    return [
+        python, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+        "--interrupt_requests", "False",
+    ]  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,25 +58,7 @@ def start_engine_server(model_path: Path, alias: str, workdir: Path) -> Iterator
     port = _free_port()
     log = open(workdir / f"{alias.replace(':', '_')}.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [
-            _python(),
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(model_path),
-            "--model_alias",
-            alias,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",
-            "--interrupt_requests",
-            "False",
-        ],
+        llama_server_command(_python(), str(model_path), alias, port),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

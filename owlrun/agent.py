@@ -301,7 +301,10 @@ class Agent:
                 except trio.EndOfChannel:
                     break
             if isinstance(message, Chunk):
-                # A fast engine's tokens that are already waiting leave in one frame.
+                # A fast engine's tokens that are already waiting leave in one frame. One
+                # scheduling turn first lets a job whose engine has sent more tokens (already
+                # in our socket buffer) queue them: microseconds, not a timer.
+                await trio.lowlevel.checkpoint()
                 deltas = [message.delta]
                 while len(deltas) < MAX_BATCH:
                     try:

@@ -85,7 +85,10 @@ async def open_job(
     try:
         handle = await gw.scheduler.submit(spec)
     except BaseException:
-        await gw.release(spec)
+        # No job started (404/503, or the client left while queued): give the
+        # reservation and the free request back, even while being cancelled.
+        with trio.move_on_after(10, shield=True):
+            await gw.release(spec)
         raise
     return handle, body
 

@@ -164,7 +164,7 @@ def run(config: Config) -> int:
     except KeyboardInterrupt:
         log.error("stopped by a second signal before the drain finished")
         return 130
-    except BaseException as exc:
+    except (Exception, BaseExceptionGroup) as exc:  # trio.run has returned: no Cancelled here
         log.critical("routecat stopped: a service crashed: %r", exc, exc_info=exc)
         return 1
     return 0

@@ -3,6 +3,7 @@ verified usage, subsidy farming, the price feed and crash safety."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from ledger import book
@@ -583,3 +585,39 @@ async def test_sigkill_with_jobs_in_flight_loses_nothing(
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()
+
+
+async def test_client_leaving_while_queued_gets_everything_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery,
+            tmp_path,
+            catalog=catalog(tmp_path),
+            max_jobs=1,
+            knobs=Knobs(first_delay=1.5),
+            queue_timeout="10",
+        )
+        gw = net.gateway.gw
+        async with net.client() as c, trio.open_nursery() as inner:
+            inner.start_soon(
+                functools.partial(c.post, "/v1/chat/completions", json=chat("occupies the node"))
+            )
+            await wait_for(lambda: net.engine.active == 1)
+            # A second, free request waits in the queue; its client gives up.
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post("/v1/chat/completions", json=chat("gives up"), timeout=0.4)
+            await trio.sleep(0.3)
+            reservations = await gw.store.read(
+                lambda db: db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+            )
+            assert reservations == 1  # only the running job's
+            assert (await balance(net))["free_remaining"] == 9  # the queued request gave its back
+        await wait_for(lambda: not gw.scheduler.jobs)
+        assert (
+            await gw.store.read(
+                lambda db: db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+            )
+        ) == 0
+        await ledger_ok(net)

@@ -200,11 +200,11 @@ class Agent:
                 await self._session(task_status if not started else trio.TASK_STATUS_IGNORED)
             except BaseException as exc:
                 leaves = _leaves(exc)
+                if not all(isinstance(e, RECOVERABLE) for e in leaves):
+                    raise  # cancellation or a bug: never swallowed, never replaced
                 refused = [e for e in leaves if isinstance(e, RefusedError)]
                 if refused and not all(r.retryable for r in refused):
                     raise refused[0] from None
-                if not all(isinstance(e, RECOVERABLE) for e in leaves):
-                    raise
                 log.warning(
                     "connection to the gateway lost: %s", leaves[0] or type(leaves[0]).__name__
                 )

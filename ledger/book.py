@@ -27,7 +27,8 @@ from typing import Any
 import attrs
 import sqlite_utils
 
-from ledger.errors import Unbalanced
+from ledger.errors import Unbalanced, WrongDirection
+from ledger.money import split
 from ledger.store import Migration, one, rows
 
 COMPONENT = "ledger"
@@ -40,6 +41,17 @@ LIGHTNING_IN = "lightning:in"
 LIGHTNING_OUT = "lightning:out"
 PAYOUTS_IN_FLIGHT = "payouts:in_flight"
 ROUTING_FEES = "operator:routing_fees"
+
+# The sign every kind of account keeps (``check`` proves it). A user may sit below zero
+# by at most one admitted request (a response is never cut off): checked separately.
+NON_NEGATIVE = ("provider:", OPERATOR_FEE, PAYOUTS_IN_FLIGHT, LIGHTNING_OUT)
+NON_POSITIVE = (SUBSIDY, OPERATOR_EQUITY, LIGHTNING_IN, ROUTING_FEES)
+JOB_PAYERS = ("user:", SUBSIDY)
+JOB_PAYEES = ("provider:", OPERATOR_FEE)
+
+
+def _is(account: str, kinds: Sequence[str]) -> bool:
+    return any(account == k or (k.endswith(":") and account.startswith(k)) for k in kinds)
 
 
 def user_account(key_id: int) -> str:
@@ -147,6 +159,26 @@ def post(
     return tx_id
 
 
+def post_job(
+    db: sqlite_utils.Database, key: str, payer: str, provider: str, cost_msat: int, memo: str = ""
+) -> int | None:
+    """Record one job's payment: ``cost_msat`` from the payer (a user or the subsidy) to
+    the provider (95%) and the operator's fee account (the rest). The only way a job
+    moves money; a negative cost or a wrong account raises ``WrongDirection``."""
+    if isinstance(cost_msat, bool) or not isinstance(cost_msat, int) or cost_msat < 0:
+        raise WrongDirection(f"job {key}: a cost must be a non-negative integer, got {cost_msat!r}")
+    if not _is(payer, JOB_PAYERS) or not _is(provider, JOB_PAYEES):
+        raise WrongDirection(f"job {key}: money moves from a user or the subsidy to a provider")
+    share, fee = split(cost_msat)
+    return post(
+        db,
+        key,
+        "job",
+        [Posting(payer, -cost_msat), Posting(provider, share), Posting(OPERATOR_FEE, fee)],
+        memo=memo,
+    )
+
+
 def transaction_exists(db: sqlite_utils.Database, key: str) -> bool:
     return one(db, "SELECT 1 FROM transactions WHERE idempotency_key = ?", (key,)) is not None
 
@@ -248,6 +280,8 @@ class Check:
     mismatched_balances: list[tuple[str, int, int]]
     unbalanced_transactions: list[int]
     mismatched_reservations: list[tuple[str, int, int]]
+    wrong_signs: list[tuple[str, int, str]] = attrs.Factory(list)
+    wrong_jobs: list[tuple[int, str]] = attrs.Factory(list)
 
     @property
     def ok(self) -> bool:
@@ -256,11 +290,81 @@ class Check:
             and not self.mismatched_balances
             and not self.unbalanced_transactions
             and not self.mismatched_reservations
+            and not self.wrong_signs
+            and not self.wrong_jobs
         )
+
+    def problems(self) -> list[str]:
+        """One line per broken invariant, for ``routecat ledger check``."""
+        out = []
+        if self.total_msat:
+            out.append(f"all postings sum to {self.total_msat} msat, not 0")
+        out += [f"{a}: balance {c} != postings {s}" for a, c, s in self.mismatched_balances]
+        out += [f"transaction {tx} does not balance" for tx in self.unbalanced_transactions]
+        out += [
+            f"{a}: reserved {c} != reservations {s}" for a, c, s in self.mismatched_reservations
+        ]
+        out += [f"{a}: balance {b} msat, but {rule}" for a, b, rule in self.wrong_signs]
+        out += [f"job transaction {tx}: {why}" for tx, why in self.wrong_jobs]
+        return out
+
+
+def _sign_problems(db: sqlite_utils.Database) -> list[tuple[str, int, str]]:
+    out: list[tuple[str, int, str]] = []
+    for row in db.conn.execute("SELECT id, balance_msat FROM accounts WHERE balance_msat != 0"):
+        account, amount = str(row[0]), int(row[1])
+        if amount < 0 and _is(account, NON_NEGATIVE):
+            out.append((account, amount, "this kind of account never goes below zero"))
+        elif amount > 0 and _is(account, NON_POSITIVE):
+            out.append((account, amount, "this kind of account never goes above zero"))
+    # A user may owe at most one admitted request: less than its largest job debit.
+    for row in db.conn.execute(
+        "SELECT a.id, a.balance_msat, COALESCE(MAX(-p.amount_msat), 0) FROM accounts a"
+        " LEFT JOIN postings p ON p.account = a.id AND p.amount_msat < 0"
+        " AND p.tx_id IN (SELECT id FROM transactions WHERE kind = 'job')"
+        " WHERE a.id LIKE 'user:%' AND a.balance_msat < 0 GROUP BY a.id"
+    ):
+        if -int(row[1]) >= int(row[2]):
+            out.append(
+                (str(row[0]), int(row[1]), "a user owes at most one request (its largest job)")
+            )
+    return out
+
+
+def _job_problems(db: sqlite_utils.Database) -> list[tuple[int, str]]:
+    """Every job transaction moves money one way, payer -> provider and operator, and
+    its provider share is ``floor(cost * 95%)`` of what the payer paid."""
+    out: list[tuple[int, str]] = []
+    postings: dict[int, list[tuple[str, int]]] = {}
+    for row in db.conn.execute(
+        "SELECT p.tx_id, p.account, p.amount_msat FROM postings p"
+        " JOIN transactions t ON t.id = p.tx_id WHERE t.kind = 'job' ORDER BY p.tx_id"
+    ):
+        postings.setdefault(int(row[0]), []).append((str(row[1]), int(row[2])))
+    for tx, entries in postings.items():
+        debits = [(a, -m) for a, m in entries if m < 0]
+        credits = [(a, m) for a, m in entries if m > 0]
+        if len(debits) != 1 or not _is(debits[0][0], JOB_PAYERS):
+            out.append((tx, "not paid by exactly one user or the subsidy"))
+            continue
+        if not all(_is(a, JOB_PAYEES) for a, _ in credits):
+            out.append((tx, "money went somewhere other than a provider and the operator fee"))
+            continue
+        cost = debits[0][1]
+        share, fee = split(cost)
+        to_fee = sum(m for a, m in credits if a == OPERATOR_FEE)
+        to_providers = sum(m for a, m in credits if a != OPERATOR_FEE)
+        if to_providers and to_providers != share:
+            out.append((tx, f"provider got {to_providers} msat of a {cost} msat cost"))
+        elif to_providers + to_fee != cost or (to_providers and to_fee != fee):
+            out.append((tx, f"split {to_providers}+{to_fee} does not match the cost {cost}"))
+    return out
 
 
 def check(db: sqlite_utils.Database) -> Check:
-    """Prove the invariants from the raw postings (not from the cached balances)."""
+    """Prove the invariants from the raw postings (not from the cached balances): the
+    zero sum, cached balances and reservations, each account kind's sign, and the
+    direction and split of every job transaction."""
     mismatched = [
         (r[0], int(r[1]), int(r[2]))
         for r in db.conn.execute(
@@ -288,7 +392,17 @@ def check(db: sqlite_utils.Database) -> Check:
         db.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
         for t in ("accounts", "transactions", "postings")
     ]
-    return Check(counts[0], counts[1], counts[2], int(total), mismatched, unbalanced, reservations)
+    return Check(
+        counts[0],
+        counts[1],
+        counts[2],
+        int(total),
+        mismatched,
+        unbalanced,
+        reservations,
+        _sign_problems(db),
+        _job_problems(db),
+    )
 
 
 def history(db: sqlite_utils.Database, account: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -3,7 +3,9 @@
 Tree::
 
     LedgerError
-    └── Unbalanced     a transaction whose postings do not sum to zero (a bug: never recorded)
+    ├── Unbalanced     a transaction whose postings do not sum to zero (a bug: never recorded)
+    └── WrongDirection a job transaction that would not move money payer -> provider and
+                       operator (a negative cost, a wrong account): never recorded
 """
 
 from __future__ import annotations
@@ -14,4 +16,8 @@ class LedgerError(Exception):
 
 
 class Unbalanced(LedgerError):
+    pass
+
+
+class WrongDirection(LedgerError):
     pass

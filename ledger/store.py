@@ -15,6 +15,12 @@ SQLite calls are blocking, so they run in worker threads through an injectable
 runner (tests under virtual time inject an inline one). A cancelled write still
 completes in its thread (``abandon_on_cancel`` stays False): cancellation never
 leaves a half-known commit behind.
+
+Cancellation is exact: a write whose caller is cancelled before a batch took it is
+removed from the queue and never commits (the caller gets ``Cancelled``); a write a
+batch already took commits or fails with its batch, and its caller gets that outcome
+(the cancellation is then delivered at the caller's next checkpoint). So "cancelled"
+always means "not committed", and a returned result always means "committed".
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ async def run_in_thread(fn: Callable[[], T]) -> T:
 
 
 async def run_inline(fn: Callable[[], T]) -> T:
-    """Runs blocking work on the trio thread: only for tests under virtual time."""
-    await trio.lowlevel.checkpoint()
-    return fn()
+    """Runs blocking work on the trio thread: only for tests under virtual time. Like a
+    worker thread that is not abandoned, the work is done before any cancellation."""
+    result = fn()
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    return result
 
 
 @attrs.define(eq=False)
@@ -50,6 +58,8 @@ class _Pending(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     done: bool = False
+    taken: bool = False  # a batch has taken it: it will commit or fail with that batch
+    finished: trio.Event = attrs.Factory(trio.Event)
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -139,10 +149,24 @@ class Store:
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         pending = _Pending(fn)
         self._queue.append(pending)
-        async with self._write_lock:
-            if not pending.done:
-                batch, self._queue = self._queue, []
-                await self._run(lambda: self._commit_batch(batch))
+        try:
+            async with self._write_lock:
+                if not pending.done:
+                    batch, self._queue = self._queue, []
+                    for taken in batch:
+                        taken.taken = True
+                    try:
+                        await self._run(lambda: self._commit_batch(batch))
+                    finally:
+                        for taken in batch:
+                            taken.finished.set()
+        except trio.Cancelled:
+            if not pending.taken:
+                self._queue.remove(pending)  # never committed, never will be
+                raise
+            # Another task's batch holds it: its outcome is ours, whatever the cancel.
+            with trio.CancelScope(shield=True):
+                await pending.finished.wait()
         return pending.outcome()
 
     def _commit_batch(self, batch: list[_Pending[Any]]) -> None:

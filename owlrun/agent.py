@@ -35,8 +35,10 @@ from owlrun.protocol import (
     SECRET_HEADER,
     WS_PATH,
     Cancel,
+    Cancelled,
     Chunk,
     Chunks,
+    Delta,
     Done,
     Drain,
     Earnings,
@@ -176,9 +178,12 @@ class Agent:
     _idle: trio.Event = attrs.Factory(trio.Event)
     _session_scope: trio.CancelScope | None = None
     _welcomed: bool = False
+    protocol_version: int = PROTOCOL_VERSION  # as negotiated with the gateway
     # Jobs that hold a slot: a job frees it the moment its last frame is queued, which
     # is when the gateway frees it too (the engine response may take longer to close).
     _busy: set[str] = attrs.Factory(set)
+    # Cancelled jobs to acknowledge (protocol 2) when their task ends.
+    _acks: set[str] = attrs.Factory(set)
     _flushed: trio.Event = attrs.Factory(trio.Event)
 
     def statistics(self) -> dict[str, Any]:
@@ -261,6 +266,7 @@ class Agent:
             if not isinstance(reply, Welcome):
                 raise ProtocolError(f"expected welcome, got {reply.type}")
             self.heartbeat_interval = reply.heartbeat_interval
+            self.protocol_version = min(reply.protocol_version, PROTOCOL_VERSION)
             self.connected = True
             self._welcomed = True
             self.sessions += 1
@@ -383,6 +389,9 @@ class Agent:
                 running = self._jobs.get(message.job_id)
                 if running is not None:
                     running.cancel()
+                    if self.protocol_version >= 2:
+                        # Said once the job's last frame is queued (see _run_job).
+                        self._acks.add(message.job_id)
             elif isinstance(message, Earnings):
                 self.earnings = message
                 log.info(
@@ -416,6 +425,13 @@ class Agent:
                                 await self._send(Done(job.job_id, event.finish_reason, event.usage))
                                 outcome = "done"
                             else:
+                                if self.protocol_version < 2 and (event.reasoning or event.refusal):
+                                    # A version-1 gateway knows only content and tool calls.
+                                    event = Delta(
+                                        content=event.content, tool_calls=event.tool_calls
+                                    )
+                                    if event.is_empty():
+                                        continue
                                 await self._send(Chunk(job.job_id, event))
                 except EngineError as exc:
                     outcome = "failed"
@@ -429,6 +445,13 @@ class Agent:
         finally:
             self._busy.discard(job.job_id)
             del self._jobs[job.job_id]
+            if job.job_id in self._acks:
+                self._acks.discard(job.job_id)
+                if self._outbox is not None:
+                    with contextlib.suppress(
+                        trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+                    ):
+                        self._outbox.send_nowait(Cancelled(job.job_id))
             if not self._jobs:
                 self._idle.set()
             t = self.totals

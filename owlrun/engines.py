@@ -4,8 +4,10 @@ streamed answer back into protocol deltas.
 Invariant: leaving the ``serve`` iterator early (a cancel) closes the engine's HTTP
 response at once, which is how Ollama, llama.cpp and vLLM learn to stop generating.
 Usage is the engine's own count when it gives one; otherwise the agent counts the
-content chunks it streamed (one chunk per token for llama.cpp-style servers), and
-says nothing it does not know.
+chunks it streamed (one chunk per token for llama.cpp-style servers), and says
+nothing it does not know. Reasoning (Ollama's ``message.thinking``, OpenAI-compatible
+``reasoning_content`` or ``reasoning``) and refusals are forwarded as such: they are
+output the user pays for, so they must reach the user.
 """
 
 from __future__ import annotations
@@ -199,9 +201,13 @@ class OllamaEngine:
                             }
                         )
                         tool_index += 1
-                    content = message.get("content") or ""
-                    if content or calls:
-                        yield Delta(content=content or None, tool_calls=calls or None)
+                    delta = Delta(
+                        content=_str_or_none(message.get("content")),
+                        tool_calls=calls or None,
+                        reasoning=_str_or_none(message.get("thinking")),
+                    )
+                    if not delta.is_empty():
+                        yield delta
                 if data.get("done"):
                     reason = data.get("done_reason") or "stop"
                     if tool_index and reason == "stop":
@@ -215,6 +221,30 @@ class OllamaEngine:
                     )
                     return
         raise EngineError("engine closed the stream before it was done", True)
+
+
+def _tool_call_delta(call: Any, index: int) -> dict[str, Any] | None:
+    """An engine's tool-call delta in the exact shape the protocol accepts."""
+    if not isinstance(call, dict):
+        return None
+    out: dict[str, Any] = {"index": call["index"] if isinstance(call.get("index"), int) else index}
+    for name in ("id", "type"):
+        if isinstance(call.get(name), str):
+            out[name] = call[name]
+    fn = call.get("function")
+    if isinstance(fn, dict):
+        function: dict[str, str] = {}
+        if isinstance(fn.get("name"), str):
+            function["name"] = fn["name"]
+        args = fn.get("arguments")
+        if args is not None:
+            function["arguments"] = args if isinstance(args, str) else json.dumps(args)
+        out["function"] = function
+    return out
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _count(value: Any) -> int | None:
@@ -288,11 +318,21 @@ class OpenAIEngine:
                         delta = Delta(content=text) if text else None
                     else:
                         d = choice.get("delta") or {}
-                        calls = d.get("tool_calls") or None
-                        text = d.get("content") or ""
-                        delta = (
-                            Delta(content=text or None, tool_calls=calls) if text or calls else None
+                        raw = d.get("tool_calls")
+                        calls = [
+                            call
+                            for i, item in enumerate(raw if isinstance(raw, list) else [])
+                            if (call := _tool_call_delta(item, i)) is not None
+                        ]
+                        delta = Delta(
+                            content=_str_or_none(d.get("content")),
+                            tool_calls=calls or None,
+                            reasoning=_str_or_none(d.get("reasoning_content"))
+                            or _str_or_none(d.get("reasoning")),
+                            refusal=_str_or_none(d.get("refusal")),
                         )
+                        if delta.is_empty():
+                            delta = None
                     if delta is not None:
                         counted += 1
                         yield delta

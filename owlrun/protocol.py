@@ -19,7 +19,10 @@ from typing import Any, ClassVar, Literal
 import attrs
 import cattrs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The oldest version a gateway still accepts; a version-1 agent sends no reasoning or
+# refusal deltas and no ``cancelled`` acknowledgements, and is sent nothing it lacks.
+MIN_PROTOCOL_VERSION = 1
 WS_PATH = "/v1/nodes/ws"
 NODE_HEADER = "X-Owlrun-Node"
 SECRET_HEADER = "X-Owlrun-Secret"
@@ -44,10 +47,37 @@ def _strict_int(value: Any, _t: Any) -> int:
     return value
 
 
+# Every integer on the node wire is a count or an amount: never negative, and small
+# enough for JSON peers and SQLite alike. Token counts have a tighter bound.
+MAX_WIRE_INT = 2**53
+MAX_TOKENS = 2**31
+
+
+def _wire_int(value: Any, _t: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("expected an integer")
+    if not 0 <= value <= MAX_WIRE_INT:
+        raise ValueError(f"expected an integer from 0 to 2^53, got {value}")
+    return value
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from a node: None, or an integer in ``0..2^31``; anything else
+    (negative, fractional, huge, a string, a boolean, NaN) raises ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(f"a token count must be an integer from 0 to 2^31, got {value!r:.40}")
+    return value
+
+
 def _strict_float(value: Any, _t: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError("expected a number")
-    return float(value)
+    result = float(value)
+    if result != result or result in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return result
 
 
 def _strict_bool(value: Any, _t: Any) -> bool:
@@ -73,11 +103,12 @@ def register_exact(converter: cattrs.Converter, kind: Any, hook: Any) -> None:
     converter.register_structure_hook_func(functools.partial(operator.eq, kind), hook)
 
 
-def strict_converter() -> cattrs.Converter:
-    """A converter that never coerces: ``"5"`` is not an int, ``true`` is not a number."""
+def strict_converter(*, wire_ints: bool = False) -> cattrs.Converter:
+    """A converter that never coerces: ``"5"`` is not an int, ``true`` is not a number,
+    NaN is not a number. ``wire_ints``: every integer must lie in ``0..2^53``."""
     converter = cattrs.Converter(forbid_extra_keys=False)
     converter.register_structure_hook(str, _strict_str)
-    converter.register_structure_hook(int, _strict_int)
+    converter.register_structure_hook(int, _wire_int if wire_ints else _strict_int)
     converter.register_structure_hook(float, _strict_float)
     converter.register_structure_hook(bool, _strict_bool)
     register_exact(converter, dict[str, Any], _object)
@@ -107,16 +138,25 @@ class Hardware:
 
 @attrs.frozen
 class Usage:
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    """What a node says a job used. Each count is None or an integer in ``0..2^31``;
+    the constructor refuses anything else, so no invalid count exists past decoding."""
+
+    prompt_tokens: int | None = attrs.field(default=None, converter=token_count)
+    completion_tokens: int | None = attrs.field(default=None, converter=token_count)
 
 
 @attrs.frozen
 class Delta:
-    """One step of output: text (``content``) and/or OpenAI-shaped tool-call deltas."""
+    """One step of output: text (``content``), reasoning (``reasoning``, version 2), a
+    refusal (``refusal``, version 2) and/or OpenAI-shaped tool-call deltas."""
 
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str | None = None
+    refusal: str | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.content or self.tool_calls or self.reasoning or self.refusal)
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -201,12 +241,29 @@ class Chunks:
     deltas: list[Delta]
 
 
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+
+
 @attrs.frozen
 class Done:
+    """Node -> gateway: the job ended. ``violation`` is never on the wire: the decoder
+    sets it when the frame's ``usage`` or ``finish_reason`` was invalid, in which case
+    ``usage`` is None (billed as if nothing was reported) and the node is penalised."""
+
     type: ClassVar[str] = "done"
     job_id: str
     finish_reason: str
     usage: Usage | None = None
+    violation: str = attrs.field(default="", kw_only=True)
+
+
+@attrs.frozen
+class Cancelled:
+    """Node -> gateway (version 2): the node stopped this job after a ``cancel`` and
+    will send nothing more for it. Frames it sent before are dropped quietly."""
+
+    type: ClassVar[str] = "cancelled"
+    job_id: str
 
 
 @attrs.frozen
@@ -260,6 +317,7 @@ Message = (
     | Done
     | JobError
     | Cancel
+    | Cancelled
     | Drain
     | Earnings
 )
@@ -278,12 +336,34 @@ MESSAGE_TYPES: dict[str, type[Any]] = {
         Done,
         JobError,
         Cancel,
+        Cancelled,
         Drain,
         Earnings,
     )
 }
 
-converter = strict_converter()
+converter = strict_converter(wire_ints=True)
+
+
+def _structure_usage(value: Any, _t: Any) -> Usage:
+    if not isinstance(value, dict):
+        raise TypeError("expected an object")
+    return Usage(value.get("prompt_tokens"), value.get("completion_tokens"))
+
+
+def _unstructure_done(done: Done) -> dict[str, Any]:
+    usage = done.usage
+    return {
+        "job_id": done.job_id,
+        "finish_reason": done.finish_reason,
+        "usage": None
+        if usage is None
+        else {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+    }
+
+
+converter.register_structure_hook(Usage, _structure_usage)
+converter.register_unstructure_hook(Done, _unstructure_done)
 
 
 def _literal_kind(value: Any, _t: Any) -> str:
@@ -297,25 +377,98 @@ register_exact(converter, Literal["chat", "completion"], _literal_kind)
 
 def encode(message: Message) -> str:
     if isinstance(message, Chunk):  # the hot path: one per token
-        delta = {"content": message.delta.content, "tool_calls": message.delta.tool_calls}
         return json.dumps(
-            {"type": "chunk", "job_id": message.job_id, "delta": delta}, separators=(",", ":")
+            {"type": "chunk", "job_id": message.job_id, "delta": _delta_dict(message.delta)},
+            separators=(",", ":"),
         )
     data = converter.unstructure(message)
     return json.dumps({"type": message.type, **data}, separators=(",", ":"))
 
 
+def _delta_dict(delta: Delta) -> dict[str, Any]:
+    out: dict[str, Any] = {"content": delta.content, "tool_calls": delta.tool_calls}
+    if delta.reasoning is not None:
+        out["reasoning"] = delta.reasoning
+    if delta.refusal is not None:
+        out["refusal"] = delta.refusal
+    return out
+
+
 MAX_BATCH = 256
+
+
+MAX_TOOL_CALLS = 128
+
+
+def _tool_call(call: Any) -> dict[str, Any]:
+    """One OpenAI streaming tool-call delta, rebuilt from its known fields only
+    (``index``, ``id``, ``type``, ``function.name``, ``function.arguments``), each of its
+    own type: nothing else a node sends reaches a client."""
+    if not isinstance(call, dict):
+        raise ProtocolError("invalid tool call: expected an object")
+    out: dict[str, Any] = {}
+    index = call.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+        raise ProtocolError(f"invalid tool call: index must be an integer below {MAX_TOOL_CALLS}")
+    out["index"] = index
+    for name in ("id", "type"):
+        value = call.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ProtocolError(f"invalid tool call: {name} must be a string")
+            out[name] = value
+    fn = call.get("function")
+    if fn is not None:
+        if not isinstance(fn, dict):
+            raise ProtocolError("invalid tool call: function must be an object")
+        function: dict[str, str] = {}
+        for name in ("name", "arguments"):
+            value = fn.get(name)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise ProtocolError(f"invalid tool call: function.{name} must be a string")
+                function[name] = value
+        out["function"] = function
+    return out
 
 
 def _delta(delta: Any) -> Delta:
     if isinstance(delta, dict):
         content, calls = delta.get("content"), delta.get("tool_calls")
-        if (content is None or isinstance(content, str)) and (
-            calls is None or (isinstance(calls, list) and all(isinstance(c, dict) for c in calls))
+        reasoning, refusal = delta.get("reasoning"), delta.get("refusal")
+        if (
+            (content is None or isinstance(content, str))
+            and (reasoning is None or isinstance(reasoning, str))
+            and (refusal is None or isinstance(refusal, str))
         ):
-            return Delta(content, calls)
-    raise ProtocolError("invalid delta: content must be a string, tool_calls a list of objects")
+            if calls is None:
+                return Delta(content, None, reasoning, refusal)
+            if isinstance(calls, list) and len(calls) <= MAX_TOOL_CALLS:
+                return Delta(content, [_tool_call(c) for c in calls], reasoning, refusal)
+    raise ProtocolError(
+        "invalid delta: content, reasoning and refusal must be strings,"
+        " tool_calls a list of tool-call objects"
+    )
+
+
+def _decode_done(data: dict[str, Any]) -> Done:
+    """A ``done`` frame with a valid job id always decodes: invalid usage or an unknown
+    finish reason become a recorded violation of that frame (billed as unreported)."""
+    job_id = data.get("job_id")
+    if not isinstance(job_id, str):
+        raise ProtocolError("invalid done message: job_id must be a string")
+    finish, raw = data.get("finish_reason"), data.get("usage")
+    problems = []
+    if finish not in FINISH_REASONS:
+        problems.append(f"finish_reason {str(finish)[:40]!r} is not one of {FINISH_REASONS}")
+        finish = "stop"
+    usage: Usage | None = None
+    if raw is not None:
+        try:
+            usage = _structure_usage(raw, Usage)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"invalid usage: {exc}")
+    return Done(job_id, str(finish), usage, violation="; ".join(problems))
 
 
 def _decode_chunk(data: dict[str, Any]) -> Chunk | Chunks:
@@ -335,7 +488,7 @@ def _decode_chunk(data: dict[str, Any]) -> Chunk | Chunks:
 def decode(frame: str | bytes) -> Message:
     try:
         data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("frame is not a JSON object")
@@ -344,6 +497,8 @@ def decode(frame: str | bytes) -> Message:
         if (kind == "chunks") != ("deltas" in data):
             raise ProtocolError(f"invalid {kind} message")
         return _decode_chunk(data)
+    if kind == "done":
+        return _decode_done(data)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")

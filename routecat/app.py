@@ -11,11 +11,13 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from ledger.money import usd_to_sats
@@ -53,6 +55,33 @@ _HTTP_ERRORS: dict[int, type[errors.ApiError]] = {
 }
 
 
+EXCHANGE_END = "routecat.on_exchange_end"
+
+
+class _HTTPConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, plus callbacks that run whatever ends the exchange:
+    the response sent, the client gone while the view ran, or while the response was
+    starting (where no body iterator ever runs its ``finally``)."""
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        callbacks: list[Callable[[], None]] = []
+        cast(dict[str, Any], self.scope)[EXCHANGE_END] = callbacks
+        try:
+            await super().__call__(receive, send)
+        finally:
+            for callback in callbacks:
+                callback()
+
+
+class App(QuartTrio):
+    asgi_http_class = _HTTPConnection
+
+
+def on_exchange_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` (synchronous, must not raise) when this HTTP exchange ends."""
+    cast(dict[str, Any], request.scope)[EXCHANGE_END].append(callback)
+
+
 def error_response(exc: errors.ApiError) -> Response:
     response = jsonify(exc.body())
     response.status_code = exc.status
@@ -80,7 +109,7 @@ async def read_json() -> Any:
 
 
 def create_app(gw: Gateway) -> QuartTrio:
-    app = QuartTrio("routecat")
+    app = App("routecat")
     app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -132,6 +161,10 @@ def create_app(gw: Gateway) -> QuartTrio:
         }.get(status, exc.description or exc.name)
         response = error_response(kind(message))
         response.status_code = status
+        if status == 413:
+            # The unread rest of the body makes the connection unusable: close it, so
+            # that a client's connection pool does not send its next request into it.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

@@ -13,9 +13,15 @@ Invariants:
   one database transaction. It may take a balance below zero: a response is never
   cut off, so an overdraft is bounded by one admitted request.
 
-What is billed, by outcome: done -> verified usage; client gone, shutdown, or a
-streamed node failure after output -> the prompt and the delivered tokens; a
-non-stream failure, or any failure before the first token -> nothing.
+What is billed, by outcome (DESIGN section 3's table, ``docs/billing.md``): done ->
+verified usage; the client gone or a shutdown after the job was dispatched (sent to a
+node that did not refuse it) -> the prompt and the delivered tokens; a streamed node
+failure after output -> the prompt and the delivered tokens; a non-stream failure, or
+any failure before the first token -> nothing, and a free request is given back.
+
+If the settlement transaction fails (a store error), the bill is kept in memory and
+retried with backoff by ``retry_settlements`` while the process stays up; nothing in
+a settlement can stop the process.
 """
 
 from __future__ import annotations
@@ -70,21 +76,23 @@ class Admission:
 def billable(result: JobResult) -> bool:
     if result.outcome == "done":
         return True
-    if not result.delivered:
-        return False
-    # Output was delivered: streamed failures, disconnects and shutdowns bill it;
-    # a non-stream failure answered 502 and the client got nothing.
-    return result.spec.stream or result.outcome in ("client_gone", "shutdown")
+    if result.outcome in ("client_gone", "shutdown"):
+        # The client left (or the gateway stopped the job) after a node took it: the
+        # prompt was processed, and whatever was delivered was delivered.
+        return result.dispatched
+    # A node failure: a stream keeps what it delivered (it got an error event); a
+    # non-stream request answered 502 and the client got nothing.
+    return result.delivered and result.spec.stream
 
 
 def verified_usage(result: JobResult, bytes_per_token: float | None) -> Verified:
     spec = result.spec
-    reported = result.reported if result.outcome == "done" else None
+    reported = result.reported if result.outcome == "done" and not result.violation else None
     return verify(
         reported,
         prompt_max=spec.prompt_bound,
-        completion_max=completion_bound(spec.max_tokens, result.delivered_bytes),
-        prompt_bytes=spec.prompt_bound,
+        completion_max=completion_bound(spec.max_tokens, result.delivered_bytes, result.tool_calls),
+        prompt_bytes=spec.prompt_bytes or spec.prompt_bound,
         delivered_bytes=result.delivered_bytes,
         bytes_per_token=bytes_per_token,
     )
@@ -158,7 +166,12 @@ class Billing:
     metrics: Metrics
     wall: Callable[[], float] = time.time
     settled: int = 0
+    # Jobs admitted by this process whose reservation is still open (queued or running):
+    # the sweeper never releases these.
+    open_reservations: set[str] = attrs.Factory(set)
     _dirty_nodes: set[str] = attrs.Factory(set)
+    _unsettled: dict[str, Callable[[sqlite_utils.Database], Bill]] = attrs.Factory(dict)
+    _retry: trio.Event = attrs.Factory(trio.Event)
 
     # -- admission --
 
@@ -187,32 +200,40 @@ class Billing:
                 retry_after=30,
             )
         free_spec = spec
-        if spec.requested_max_tokens is None and spec.max_tokens > self.config.free_max_tokens:
-            # No max_tokens asked: a free request gets the free cap rather than no free request.
+        if spec.max_tokens > self.config.free_max_tokens:
+            # A free request's max_tokens is capped at the free cap (clients such as
+            # OpenCode always ask for a large one); the response says it was free.
             limit = self.config.free_max_tokens
             free_spec = attrs.evolve(
                 spec, max_tokens=limit, request={**spec.request, "max_tokens": limit}
             )
-        if self.catalog.listed(spec.model) and free_spec.max_tokens <= self.config.free_max_tokens:
+        why_not_free = "the model is not in this gateway's free catalog"
+        if self.catalog.listed(spec.model):
             reserve = self.max_cost(free_spec, price, last)
             budget = self.config.free_daily_budget_sats * 1000
 
-            def take_free(db: sqlite_utils.Database) -> bool:
+            def take_free(db: sqlite_utils.Database) -> str | None:
                 if free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
-                    return False
+                    return (
+                        f"the key's {self.config.free_daily_requests} free requests for today"
+                        " are used (they reset at midnight UTC)"
+                    )
                 _, reserved = book.balance(db, book.SUBSIDY)
                 if subsidy_spent(db, day) + reserved + reserve > budget:
-                    return False
+                    return "the gateway's free budget for today is spent"
                 db.conn.execute(
                     "INSERT INTO free_usage (key_id, day, used) VALUES (?, ?, 1)"
                     " ON CONFLICT(key_id, day) DO UPDATE SET used = used + 1",
                     (spec.key_id, day),
                 )
                 book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
-                return True
+                return None
 
-            if await self.store.write(take_free):
+            refused = await self.store.write(take_free)
+            if refused is None:
+                self.open_reservations.add(spec.job_id)
                 return attrs.evolve(free_spec, admission=Admission(True, last, price, reserve, day))
+            why_not_free = refused
         rate = self.rates.fresh_rate()
         if rate is None:
             raise ServiceUnavailable(
@@ -222,11 +243,13 @@ class Billing:
             )
         reserve = self.max_cost(spec, price, rate)
         account = book.user_account(spec.key_id)
-        if not await self.store.write(
-            lambda db: book.reserve(db, spec.job_id, account, reserve, now)
-        ):
+
+        if await self.store.write(lambda db: book.reserve(db, spec.job_id, account, reserve, now)):
+            self.open_reservations.add(spec.job_id)
+        else:
             raise InsufficientBalance(
-                "insufficient balance and no free requests left today: top up with POST /v1/auth/topup"
+                f"insufficient balance, and this request cannot be free: {why_not_free};"
+                " top up with POST /v1/auth/topup"
             )
         return attrs.evolve(spec, admission=Admission(False, rate, price, reserve, day))
 
@@ -241,10 +264,13 @@ class Billing:
                 give_back_free_request(db, spec.key_id, admission.day)
 
         await self.store.write(undo)
+        self.open_reservations.discard(spec.job_id)
 
     # -- settlement (the scheduler's completion hook) --
 
     async def settle(self, result: JobResult) -> Bill:
+        """The scheduler's completion hook: decide the bill (pure), then commit it once.
+        Never raises for a store error: the bill is kept and retried (see module doc)."""
         spec = result.spec
         admission = spec.admission
         assert isinstance(admission, Admission), "a job must be admitted before it runs"
@@ -262,59 +288,93 @@ class Billing:
         else:
             cost = 0
             usage = Verified(0, 0, usage.reported, False)
-        provider_share, fee = split(cost)
-        provider = book.provider_account(result.node_id) if result.node_id else book.OPERATOR_FEE
-        now = self.wall()
-
-        def write(db: sqlite_utils.Database) -> Bill:
-            key = f"job:{spec.job_id}"
-            if book.transaction_exists(db, key):
-                row = one(
-                    db,
-                    "SELECT tokens_in, tokens_out, cost_msat FROM jobs WHERE id = ?",
-                    (spec.job_id,),
-                )
-                return Bill(0, 0, 0) if row is None else Bill(row[0], row[1], row[2])
-            book.release(db, spec.job_id)
-            payer = book.SUBSIDY if admission.free else book.user_account(spec.key_id)
-            tx = book.post(
-                db,
-                key,
-                "job",
-                [
-                    book.Posting(payer, -cost),
-                    book.Posting(provider, provider_share),
-                    book.Posting(book.OPERATOR_FEE, fee),
-                ],
-                memo=f"{model} {usage.prompt_tokens}+{usage.completion_tokens} tokens",
+        bill = Bill(usage.prompt_tokens, usage.completion_tokens, cost)
+        write = functools.partial(self._settle_write, result, usage, bill, charge, self.wall())
+        try:
+            bill = await self.store.write(write)
+            self.open_reservations.discard(spec.job_id)
+        except Exception as exc:
+            self.metrics.settlement_retries.inc()
+            log.error(
+                "settling job %s failed (%s); the bill is kept and retried",
+                spec.job_id,
+                type(exc).__name__,
+                exc_info=exc,
             )
-            assert tx is not None
-            if admission.free:
-                if provider_share:
-                    book.hold(
-                        db, tx, provider, provider_share, now + self.config.probation_days * DAY
-                    )
-                db.conn.execute(
-                    "INSERT INTO subsidy_days (day, spent_msat) VALUES (?, ?)"
-                    " ON CONFLICT(day) DO UPDATE SET spent_msat = spent_msat + excluded.spent_msat",
-                    (admission.day, cost),
-                )
-                if not result.delivered and result.outcome != "done":
-                    # A free request that failed before its first token keeps its quota.
-                    give_back_free_request(db, spec.key_id, admission.day)
-            if charge:
-                record_job(db, result, usage, cost, provider_share, admission.free)
-            return Bill(usage.prompt_tokens, usage.completion_tokens, cost)
+            self._unsettled[spec.job_id] = write
+            self.metrics.settlements_pending.set(len(self._unsettled))
+            self._retry.set()
+        self._settled_job(result, usage, bill, charge)
+        return bill
 
-        bill = await self.store.write(write)
+    def _settle_write(
+        self,
+        result: JobResult,
+        usage: Verified,
+        bill: Bill,
+        charge: bool,
+        now: float,
+        db: sqlite_utils.Database,
+    ) -> Bill:
+        """The settlement transaction: idempotent on the job id."""
+        spec = result.spec
+        admission = spec.admission
+        assert isinstance(admission, Admission)
+        key = f"job:{spec.job_id}"
+        if book.transaction_exists(db, key):
+            row = one(
+                db,
+                "SELECT tokens_in, tokens_out, cost_msat FROM jobs WHERE id = ?",
+                (spec.job_id,),
+            )
+            return Bill(0, 0, 0) if row is None else Bill(row[0], row[1], row[2])
+        book.release(db, spec.job_id)
+        payer = book.SUBSIDY if admission.free else book.user_account(spec.key_id)
+        provider = book.provider_account(result.node_id) if result.node_id else book.OPERATOR_FEE
+        tx = book.post_job(
+            db,
+            key,
+            payer,
+            provider,
+            bill.cost_msat,
+            memo=f"{spec.model} {usage.prompt_tokens}+{usage.completion_tokens} tokens",
+        )
+        assert tx is not None
+        provider_share, _ = split(bill.cost_msat)
+        if admission.free:
+            if provider_share and result.node_id:
+                book.hold(db, tx, provider, provider_share, now + self.config.probation_days * DAY)
+            db.conn.execute(
+                "INSERT INTO subsidy_days (day, spent_msat) VALUES (?, ?)"
+                " ON CONFLICT(day) DO UPDATE SET spent_msat = spent_msat + excluded.spent_msat",
+                (admission.day, bill.cost_msat),
+            )
+            if not charge:
+                # A free request that was not served (nothing billed) keeps its quota.
+                give_back_free_request(db, spec.key_id, admission.day)
+        if charge:
+            record_job(db, result, usage, bill.cost_msat, provider_share, admission.free)
+        return bill
+
+    def _settled_job(self, result: JobResult, usage: Verified, bill: Bill, charge: bool) -> None:
+        """Counters and reputation after a settlement (committed or kept for retry)."""
+        spec = result.spec
+        model = spec.model
         self.settled += 1
         self.metrics.settlements.inc()
         if charge:
-            self.metrics.tokens.labels(model, "in").inc(bill.prompt_tokens)
-            self.metrics.tokens.labels(model, "out").inc(bill.completion_tokens)
+            self.metrics.tokens.labels(model, "in").inc(max(0, bill.prompt_tokens))
+            self.metrics.tokens.labels(model, "out").inc(max(0, bill.completion_tokens))
         if result.outcome == "done":
             why = self.reputation.observe(
-                result.node_id, model, result.reported, result.delivered_bytes, usage.capped
+                result.node_id,
+                model,
+                None if result.violation else result.reported,
+                result.delivered_bytes,
+                usage.capped,
+                prompt_bytes=spec.prompt_bytes,
+                prompt_allowance=spec.prompt_bound - spec.prompt_bytes,
+                violation=result.violation,
             )
             if why:
                 log.warning(
@@ -322,7 +382,31 @@ class Billing:
                 )
         if result.node_id and charge:
             self._dirty_nodes.add(result.node_id)
-        return bill
+
+    async def retry_settlements(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Commit the bills whose settlement failed, with exponential backoff."""
+        task_status.started()
+        delay = 0.5
+        while True:
+            await self._retry.wait()
+            await trio.sleep(delay)
+            for job_id, write in list(self._unsettled.items()):
+                try:
+                    await self.store.write(write)
+                except Exception as exc:
+                    log.warning("settlement of job %s still failing: %r", job_id, exc)
+                    continue
+                del self._unsettled[job_id]
+                self.open_reservations.discard(job_id)
+                log.info("settlement of job %s committed after a retry", job_id)
+            self.metrics.settlements_pending.set(len(self._unsettled))
+            if self._unsettled:
+                delay = min(delay * 2, 60.0)
+            else:
+                delay = 0.5
+                self._retry = trio.Event()
 
     # -- reads --
 
@@ -411,7 +495,7 @@ class Billing:
                 functools.partial(
                     book.sweep_reservations,
                     older_than=self.wall() - self.config.sweep_interval,
-                    keep=set(running()),
+                    keep=set(running()) | self.open_reservations,
                 )
             )
             if stale:

@@ -14,6 +14,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -205,10 +206,11 @@ def cmd_payouts(config: Config, args: argparse.Namespace) -> int:
 
     store = open_store(config)
     try:
-        found = store.read_sync(
-            lambda db: db.conn.execute(
-                "SELECT * FROM payouts ORDER BY id DESC LIMIT 200"
-            ).fetchall()
+        found, holds = store.read_sync(
+            lambda db: (
+                db.conn.execute("SELECT * FROM payouts ORDER BY id DESC LIMIT 200").fetchall(),
+                db.conn.execute("SELECT * FROM payout_holds ORDER BY updated_at DESC").fetchall(),
+            )
         )
     finally:
         store.close()
@@ -219,6 +221,11 @@ def cmd_payouts(config: Config, args: argparse.Namespace) -> int:
         )
     if not found:
         print("no payouts yet")
+    if holds:
+        print("held (not sent; retried automatically):")
+    for h in holds:
+        retry = datetime.fromtimestamp(h["next_attempt_at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"  {h['node_id']}: {h['reason']} ({h['failures']} failures, next try {retry})")
     return 0
 
 
@@ -235,12 +242,8 @@ def cmd_ledger(config: Config, args: argparse.Namespace) -> int:
                 f" {result.postings} postings"
             )
             print(f"sum of all postings: {result.total_msat} msat")
-            for account, cached, summed in result.mismatched_balances:
-                print(f"MISMATCH {account}: balance {cached} != postings {summed}")
-            for tx in result.unbalanced_transactions:
-                print(f"UNBALANCED transaction {tx}")
-            for account, cached, summed in result.mismatched_reservations:
-                print(f"MISMATCH {account}: reserved {cached} != reservations {summed}")
+            for problem in result.problems():
+                print(f"BROKEN {problem}")
             print("ledger OK" if result.ok else "ledger BROKEN")
             return 0 if result.ok else 1
         if args.action == "accounts":

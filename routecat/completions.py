@@ -15,16 +15,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import trio
 from quart import Response, request
 
 from owlrun.protocol import Delta
 from routecat import errors
-from routecat.app import json_response, read_json
+from routecat.app import json_response, on_exchange_end, read_json
 from routecat.gateway import Gateway
 from routecat.scheduler import Bill, Event, Failure, Final, JobHandle, JobSpec, mint_job_id
 from routecat.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
-from routecat.usage import prompt_bound
+from routecat.usage import measure_prompt
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -70,6 +71,7 @@ async def open_job(
     gw.scheduler.check_model(body.model)
     max_tokens = gw.billing.applied_max_tokens(body.model, body.requested_max_tokens)
     wire = wire_request(body, max_tokens)
+    prompt = measure_prompt(kind, wire)
     spec = JobSpec(
         job_id=mint_job_id(kind),
         kind=kind,
@@ -78,9 +80,13 @@ async def open_job(
         stream=body.stream,
         key_id=key.id,
         max_tokens=max_tokens,
-        prompt_bound=prompt_bound(kind, wire),
+        prompt_bound=prompt.bound,
         requested_max_tokens=body.requested_max_tokens,
+        prompt_bytes=prompt.bytes,
     )
+    # A client that leaves during admission: nothing is committed (the store drops a
+    # cancelled write), or the admission committed and returns, and the cancellation
+    # lands in ``submit`` below, which gives it back.
     spec = await gw.admit(spec)
     try:
         handle = await gw.scheduler.submit(spec)
@@ -90,6 +96,9 @@ async def open_job(
         with trio.move_on_after(10, shield=True):
             await gw.release(spec)
         raise
+    # Whatever ends the HTTP exchange (the response sent, the client gone at any
+    # moment, even before the response starts), the job is cancelled if still running.
+    on_exchange_end(lambda: handle.cancel_nowait("client_gone"))
     return handle, body
 
 
@@ -126,6 +135,10 @@ class _Shape:
         if delta is not None:
             if delta.content is not None:
                 out["content"] = delta.content
+            if delta.reasoning:
+                out["reasoning_content"] = delta.reasoning
+            if delta.refusal:
+                out["refusal"] = delta.refusal
             if delta.tool_calls:
                 out["tool_calls"] = delta.tool_calls
         return {
@@ -217,7 +230,12 @@ def stream_response(
         finally:
             handle.cancel_nowait("client_gone")
 
-    response = Response(events(), status=200, content_type="text/event-stream", headers=SSE_HEADERS)
+    response = Response(
+        events(),
+        status=200,
+        content_type="text/event-stream",
+        headers={**SSE_HEADERS, **free_header(handle)},
+    )
     response.timeout = None
     return response
 
@@ -227,27 +245,33 @@ async def collect_response(
 ) -> Response:
     shape = _Shape(handle, handle.spec.kind)
     text: list[str] = []
+    reasoning: list[str] = []
+    refusal: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
     try:
         async for event in handle.events:
             if isinstance(event, Delta):
                 if event.content:
                     text.append(event.content)
+                if event.reasoning:
+                    reasoning.append(event.reasoning)
+                if event.refusal:
+                    refusal.append(event.refusal)
                 for call in event.tool_calls or ():
-                    index = call.get("index", len(calls))
                     slot = calls.setdefault(
-                        index if isinstance(index, int) else len(calls),
+                        call["index"],
                         {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                     )
                     if call.get("id"):
                         slot["id"] = call["id"]
                     fn = call.get("function") or {}
                     if fn.get("name"):
-                        slot["function"]["name"] += str(fn["name"])
+                        slot["function"]["name"] += fn["name"]
                     if fn.get("arguments"):
-                        slot["function"]["arguments"] += str(fn["arguments"])
+                        slot["function"]["arguments"] += fn["arguments"]
             elif isinstance(event, Final):
-                return _complete(shape, "".join(text), calls, event)
+                message = Collected("".join(text), "".join(reasoning), "".join(refusal), calls)
+                return _complete(shape, message, event, free_header(handle))
             elif isinstance(event, Failure):
                 raise event.error
     finally:
@@ -255,11 +279,24 @@ async def collect_response(
     raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
 
 
-def _complete(shape: _Shape, text: str, calls: dict[int, dict[str, Any]], final: Final) -> Response:
+@attrs.frozen
+class Collected:
+    text: str
+    reasoning: str
+    refusal: str
+    calls: dict[int, dict[str, Any]]
+
+
+def free_header(handle: JobHandle) -> dict[str, str]:
+    """``X-RouteCat-Free: 1`` on a request served free (its max_tokens capped)."""
+    return {"X-RouteCat-Free": "1"} if getattr(handle.spec.admission, "free", False) else {}
+
+
+def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, str]) -> Response:
     if shape.kind == "completion":
         choice: dict[str, Any] = {
             "index": 0,
-            "text": text,
+            "text": got.text,
             "logprobs": None,
             "finish_reason": final.finish_reason,
         }
@@ -267,11 +304,13 @@ def _complete(shape: _Shape, text: str, calls: dict[int, dict[str, Any]], final:
     else:
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": text if text or not calls else None,
+            "content": got.text if got.text or not got.calls else None,
         }
-        if calls:
-            message["tool_calls"] = [calls[i] for i in sorted(calls)]
-        message["refusal"] = None
+        if got.reasoning:
+            message["reasoning_content"] = got.reasoning
+        if got.calls:
+            message["tool_calls"] = [got.calls[i] for i in sorted(got.calls)]
+        message["refusal"] = got.refusal or None
         choice = {
             "index": 0,
             "message": message,
@@ -288,7 +327,9 @@ def _complete(shape: _Shape, text: str, calls: dict[int, dict[str, Any]], final:
         "choices": [choice],
         "usage": usage_body(final.bill),
     }
-    return json_response(body, headers={"X-RouteCat-Cost-Msat": str(final.bill.cost_msat)})
+    return json_response(
+        body, headers={"X-RouteCat-Cost-Msat": str(final.bill.cost_msat), **headers}
+    )
 
 
 async def serve_completion(gw: Gateway, kind: str) -> Response:

@@ -23,6 +23,10 @@ class Metrics:
     btc_usd_sources: Gauge = attrs.field(init=False)
     wallet_shortfall: Gauge = attrs.field(init=False)
     settlements: Counter = attrs.field(init=False)
+    settlement_retries: Counter = attrs.field(init=False)
+    settlements_pending: Gauge = attrs.field(init=False)
+    payout_failures: Counter = attrs.field(init=False)
+    protocol_violations: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -56,6 +60,26 @@ class Metrics:
             registry=r,
         )
         self.settlements = Counter("routecat_settlements", "Settled jobs", registry=r)
+        self.settlement_retries = Counter(
+            "routecat_settlement_retries", "Settlements that failed and were retried", registry=r
+        )
+        self.settlements_pending = Gauge(
+            "routecat_settlements_pending",
+            "Bills kept in memory because their settlement has not committed yet",
+            registry=r,
+        )
+        self.payout_failures = Counter(
+            "routecat_payout_failures",
+            "Payouts not sent or not completed (funds held), by stage",
+            ["stage"],
+            registry=r,
+        )
+        self.protocol_violations = Counter(
+            "routecat_node_protocol_violations",
+            "Frames from nodes that broke the protocol, by what was done about it",
+            ["action"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -4,8 +4,13 @@ Invariants: the receive loop of a node only decodes and dispatches
 (``send_nowait`` into the bounded inbox of the job's current attempt); it never
 awaits slow work, so one slow job cannot stall a node's other jobs, and one node
 cannot stall another. A node that breaks the protocol (garbage, unknown types,
-frames about jobs it does not own, an overflowing inbox) is disconnected, and only
-it. When a node goes away for any reason, every attempt it held fails at once.
+frames about jobs it was never given) is disconnected, and only it. Frames for a job
+the gateway cancelled are expected (the node sent them before it saw the cancel) and
+dropped quietly until the node acknowledges the cancel (protocol 2) or a grace period
+ends: one client's disconnect never touches another job. A job whose client stops
+reading overflows its own inbox: that job is cancelled as the client's doing, and
+the node is not blamed. When a node goes away for any reason, every attempt it held
+fails at once.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from quart import websocket
 
 from ledger.store import Store, one, rows
 from owlrun.protocol import (
+    MIN_PROTOCOL_VERSION,
     NODE_HEADER,
     PROTOCOL_VERSION,
     SECRET_HEADER,
+    Cancel,
+    Cancelled,
     Chunk,
     Chunks,
     Done,
@@ -47,17 +55,20 @@ from owlrun.protocol import (
     encode,
 )
 from routecat.config import Config
+from routecat.lightning.lnurl import LnurlError, parse_address
 from routecat.metrics import Metrics
 
 log = logging.getLogger("routecat.nodes")
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
-LIGHTNING_ADDRESS = re.compile(r"[a-z0-9._+-]{1,64}@[a-z0-9.-]{1,253}(:[0-9]{1,5})?", re.I)
 MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 KNOWN_FOR = 24 * 3600.0
 INBOX_SIZE = 1024
 OUTBOX_SIZE = 1024
 EMA = 0.2
+# How long frames for a cancelled job are dropped quietly when the node never
+# acknowledges the cancel (a version-1 agent, or one that lost it).
+CANCEL_GRACE = 60.0
 
 NodeFrame = Chunk | Chunks | Done | JobError
 
@@ -71,13 +82,24 @@ class Attempt:
     send: trio.MemorySendChannel[NodeFrame]
     inbox: trio.MemoryReceiveChannel[NodeFrame]
     failure: str | None = None
+    ended: bool = False  # the node sent this attempt's done or error
+    client_slow: bool = False  # the inbox overflowed: the client stopped reading
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will come from the node for this attempt (no cancel needed)."""
+        return self.ended or self.failure is not None
 
     def deliver_nowait(self, frame: NodeFrame) -> None:
+        if isinstance(frame, Done | JobError):
+            self.ended = True
         try:
             self.send.send_nowait(frame)
         except trio.WouldBlock:
+            # The job's consumer (its client) is not keeping up: the client's doing.
+            self.client_slow = True
             self.fail_nowait("the job's buffer overflowed (client not reading)")
-            self.node.cancel_nowait(self.job_id, "buffer overflow")
+            self.node.cancel_job(self.job_id, "client not reading")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -102,7 +124,11 @@ class NodeLink:
     outbox: trio.MemorySendChannel[Message]
     connected_at: float
     last_seen: float
+    protocol_version: int = PROTOCOL_VERSION
+    clock: Callable[[], float] = trio.current_time
     attempts: dict[str, Attempt] = attrs.Factory(dict)
+    # job id -> until when late frames for it are dropped quietly
+    cancelled: dict[str, float] = attrs.Factory(dict)
     draining: bool = False
     cooldown_until: float = 0.0
     failures: int = 0
@@ -131,10 +157,20 @@ class NodeLink:
             return False
         return True
 
-    def cancel_nowait(self, job_id: str, reason: str) -> None:
-        from owlrun.protocol import Cancel
-
+    def cancel_job(self, job_id: str, reason: str) -> None:
+        """Tell the node to stop a job; its frames still in flight are then expected."""
+        self.cancelled[job_id] = self.clock() + CANCEL_GRACE
         self.send_nowait(Cancel(job_id=job_id, reason=reason))
+
+    def is_late(self, job_id: str) -> bool:
+        """A frame for a job this node was given and the gateway cancelled (in grace)."""
+        until = self.cancelled.get(job_id)
+        return until is not None and until > self.clock()
+
+    def forget_cancelled(self) -> None:
+        now = self.clock()
+        for job_id in [j for j, until in self.cancelled.items() if until <= now]:
+            del self.cancelled[job_id]
 
     def open_attempt(self, job_id: str) -> Attempt:
         send, receive = trio.open_memory_channel[NodeFrame](INBOX_SIZE)
@@ -312,9 +348,10 @@ class Registry:
 
 
 def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
-    if hello.protocol_version != PROTOCOL_VERSION:
+    if hello.protocol_version < MIN_PROTOCOL_VERSION:
         return (
-            f"protocol version {hello.protocol_version} is not supported (need {PROTOCOL_VERSION})"
+            f"protocol version {hello.protocol_version} is not supported"
+            f" (need {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
         )
     if not NODE_ID.fullmatch(hello.node_id) or hello.node_id != node_header:
         return "node id missing, malformed, or different from the X-Owlrun-Node header"
@@ -322,8 +359,11 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
         return "max_concurrency must be between 1 and 4096"
     if len(hello.models) > 1000 or not all(MODEL_NAME.fullmatch(m.name) for m in hello.models):
         return "too many models or a malformed model name"
-    if hello.payout_address and not LIGHTNING_ADDRESS.fullmatch(hello.payout_address):
-        return "payout address is not a Lightning Address (user@domain)"
+    if hello.payout_address:
+        try:
+            parse_address(hello.payout_address)
+        except LnurlError as exc:
+            return f"payout address {hello.payout_address[:80]!r} is not a Lightning Address: {exc}"
     if len(hello.name) > 64:
         return "name longer than 64 characters"
     return None
@@ -369,6 +409,8 @@ async def serve_node_socket(
     now = registry.clock()
     send, outgoing = trio.open_memory_channel[Message](OUTBOX_SIZE)
     link = NodeLink(
+        protocol_version=min(hello.protocol_version, PROTOCOL_VERSION),
+        clock=registry.clock,
         id=hello.node_id,
         name=hello.name,
         agent_version=hello.agent_version,
@@ -393,7 +435,7 @@ async def serve_node_socket(
         with link._scope:
             welcome = Welcome(
                 node_id=link.id,
-                protocol_version=PROTOCOL_VERSION,
+                protocol_version=link.protocol_version,
                 heartbeat_interval=config.heartbeat_interval,
                 payout_threshold_sats=link.payout_threshold_sats,
             )
@@ -422,6 +464,7 @@ async def _heartbeats(link: NodeLink, interval: float) -> None:
     while True:
         await trio.sleep(interval)
         link.send_nowait(Heartbeat(in_flight=link.in_flight))
+        link.forget_cancelled()
 
 
 async def _receive_loop(
@@ -441,14 +484,30 @@ async def _receive_loop(
         try:
             message = decode(frame)
         except ProtocolError as exc:
+            registry.metrics.protocol_violations.labels("closed").inc()
             link.close(f"protocol violation: {exc}")
             return
         if isinstance(message, Chunk | Chunks | Done | JobError):
             attempt = link.attempts.get(message.job_id)
             if attempt is None:
-                link.close(f"{message.type} frame for a job it does not hold")
+                if link.is_late(message.job_id):
+                    if isinstance(message, Done | JobError):
+                        del link.cancelled[message.job_id]  # nothing more will come
+                    registry.metrics.protocol_violations.labels("late_frame_dropped").inc()
+                    continue
+                registry.metrics.protocol_violations.labels("closed").inc()
+                link.close(f"{message.type} frame for a job it was never given")
                 return
+            if isinstance(message, Done) and message.violation:
+                registry.metrics.protocol_violations.labels("usage_ignored").inc()
+                log.warning("node %s: invalid done frame: %s", link.id, message.violation)
             attempt.deliver_nowait(message)
+        elif isinstance(message, Cancelled):
+            if link.cancelled.pop(message.job_id, None) is None and (
+                message.job_id not in link.attempts
+            ):
+                link.close("cancelled frame for a job it was never given")
+                return
         elif isinstance(message, Heartbeat):
             pass
         elif isinstance(message, ModelsUpdate):

@@ -29,6 +29,7 @@ from routecat.config import Config
 from routecat.errors import ApiError, ServiceUnavailable, UpstreamError
 from routecat.metrics import Metrics
 from routecat.nodes import Attempt, NodeLink, Registry
+from routecat.usage import delta_bytes
 
 log = logging.getLogger("routecat.scheduler")
 
@@ -55,6 +56,7 @@ class JobSpec:
     max_tokens: int
     prompt_bound: int
     requested_max_tokens: int | None = None  # what the client asked for, if anything
+    prompt_bytes: int = 0  # B_in: the prompt's own bytes, without the bound's allowances
     admission: Any = None  # the money layer's admission (reservation, free slot, rate)
 
 
@@ -74,6 +76,10 @@ class JobResult:
     started_at: float  # wall clock
     duration: float
     ttft: float | None
+    # The job was sent to a node that did not refuse it (DESIGN section 3's "dispatched").
+    dispatched: bool = False
+    tool_calls: int = 0  # distinct tool calls delivered (each gets a wrapper allowance)
+    violation: str = ""  # the node's done frame broke the protocol (usage not trusted)
 
     @property
     def delivered(self) -> bool:
@@ -146,16 +152,8 @@ class _Progress:
     first_token_at: float | None = None
     done: Done | None = None
     outcome: str | None = None
-
-
-def _delta_bytes(delta: Delta) -> int:
-    total = len(delta.content.encode()) if delta.content else 0
-    for call in delta.tool_calls or ():
-        fn = call.get("function") or {}
-        total += len(str(fn.get("arguments") or "").encode()) + len(
-            str(fn.get("name") or "").encode()
-        )
-    return total
+    dispatched: bool = False
+    tool_calls: set[int] = attrs.Factory(set)
 
 
 @attrs.define(eq=False)
@@ -205,9 +203,19 @@ class Scheduler:
         node = self.registry.pick(spec.model, exclude)
         if node is not None:
             return node.open_attempt(spec.job_id)
-        if not [n for n in self.registry.serving(spec.model) if n.id not in exclude]:
+        eligible = [n for n in self.registry.serving(spec.model) if n.id not in exclude]
+        if not eligible:
             raise ServiceUnavailable(
                 f"no node serving '{spec.model}' is online right now", retry_after=10
+            )
+        now = self.clock()
+        if all(n.cooldown_until > now for n in eligible):
+            # Waiting cannot help before a cooldown ends: say so at once.
+            wait = min(n.cooldown_until for n in eligible) - now
+            raise ServiceUnavailable(
+                f"every node serving '{spec.model}' is cooling down after failures;"
+                f" retry in {math.ceil(wait)}s",
+                retry_after=max(1, math.ceil(wait)),
             )
         return None
 
@@ -280,11 +288,17 @@ class Scheduler:
                     ttft=None
                     if progress.first_token_at is None
                     else progress.first_token_at - started,
+                    dispatched=progress.dispatched,
+                    tool_calls=len(progress.tool_calls),
+                    violation=progress.done.violation if progress.done else "",
                 )
                 handle.result = result
                 bill: Bill | None = None
                 with trio.move_on_after(SETTLE_TIMEOUT) as settle_timer:
-                    bill = await self.on_complete(result)
+                    try:
+                        bill = await self.on_complete(result)
+                    except Exception as exc:  # a bug in the hook must not stop the scheduler
+                        log.error("settling job %s failed", spec.job_id, exc_info=exc)
                 if settle_timer.cancelled_caught:
                     log.error("settling job %s took over %gs", spec.job_id, SETTLE_TIMEOUT)
                 self.completed += 1
@@ -313,8 +327,8 @@ class Scheduler:
         node = attempt.node
         if node.attempts.get(attempt.job_id) is attempt:
             del node.attempts[attempt.job_id]
-            if progress.done is None and attempt.failure is None:
-                node.cancel_nowait(attempt.job_id, "cancelled by the gateway")
+            if progress.done is None and not attempt.finished:
+                node.cancel_job(attempt.job_id, "cancelled by the gateway")
         attempt.send.close()
         progress.attempt = None
         self.registry.changed()
@@ -332,12 +346,15 @@ class Scheduler:
             try:
                 if not attempt.node.send_nowait(job):
                     raise _NodeFailed("node went away", retryable=True)
+                progress.dispatched = True
                 await self._pump(handle, attempt, progress)
                 self._succeeded(attempt.node, progress, started)
                 progress.outcome = "done"
                 return
             except _NodeFailed as failure:
                 node = attempt.node
+                if not progress.chunks and failure.outcome != "client_gone":
+                    progress.dispatched = False  # refused or failed: nothing was served
                 self._release(progress)
                 if failure.blame:
                     self._cool_down(node, failure.reason)
@@ -405,6 +422,14 @@ class Scheduler:
                 try:
                     frame = await attempt.inbox.receive()
                 except trio.EndOfChannel:
+                    if attempt.client_slow:
+                        handle.cancel_reason = handle.cancel_reason or "client_gone"
+                        raise _NodeFailed(
+                            attempt.failure or "client not reading",
+                            retryable=False,
+                            blame=False,
+                            outcome="client_gone",
+                        ) from None
                     raise _NodeFailed(
                         attempt.failure or "node disconnected", retryable=True
                     ) from None
@@ -415,13 +440,16 @@ class Scheduler:
                 )
             if isinstance(frame, Chunk | Chunks):
                 for delta in frame.deltas if isinstance(frame, Chunks) else (frame.delta,):
-                    if not delta.content and not delta.tool_calls:
+                    if delta.is_empty():
                         continue
                     if first:
                         progress.first_token_at = self.clock()
                         first = False
                     progress.chunks += 1
-                    progress.bytes += _delta_bytes(delta)
+                    progress.bytes += delta_bytes(delta)
+                    for call in delta.tool_calls or ():
+                        if (call.get("function") or {}).get("name"):
+                            progress.tool_calls.add(call["index"])
                     await self._emit(handle, delta)
             elif isinstance(frame, Done):
                 progress.done = frame

@@ -73,6 +73,7 @@ async def serve_gateway(
             await nursery.start(gw.rates.run)
             await nursery.start(functools.partial(gw.billing.sweep, lambda: gw.scheduler.jobs))
             await nursery.start(gw.billing.publish_earnings)
+            await nursery.start(gw.billing.retry_settlements)
             await nursery.start(gw.scheduler.run)
             await nursery.start(gw.topups.run)
             await nursery.start(gw.payouts.run)

@@ -128,4 +128,16 @@ MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        4,
+        """
+        CREATE TABLE payout_holds (
+            node_id TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            failures INTEGER NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """,
+    ),
 )

@@ -347,9 +347,9 @@ class LnurlServer:
     """Serves ``/.well-known/lnurlp/<user>`` and its callback, issuing regtest invoices
     signed with its own key. ``mode`` makes it misbehave."""
 
-    mode: str = (
-        "good"  # good, wrong_amount, amountless, error, private_callback, slow, mainnet, expired
-    )
+    # good, wrong_amount, amountless, error, private_callback, slow, mainnet, expired,
+    # odd_port, deep_json, huge, not_json, redirect_private, bad_numbers
+    mode: str = "good"
     url: str = ""
     invoices: list[tuple[str, int]] = attrs.Factory(list)  # (bolt11, amount asked)
     min_sendable: int = 1000
@@ -390,8 +390,25 @@ class LnurlServer:
         @app.get("/.well-known/lnurlp/<user>")
         async def pay_request(user: str) -> Any:
             callback = f"{server.url}/cb/{user}"
-            if server.mode == "private_callback":
+            mode = server.mode
+            if mode == "private_callback":
                 callback = f"http://localhost:{server.url.rsplit(':', 1)[1]}/cb/{user}"
+            elif mode == "odd_port":
+                callback = f"https://pay.example:99999/cb/{user}"
+            elif mode == "deep_json":
+                return Response("[" * 30_000 + "]" * 30_000, content_type="application/json")
+            elif mode == "huge":
+                return Response(b" " * 5_000_000 + b"{}", content_type="application/json")
+            elif mode == "not_json":
+                return Response("<html>hello</html>", content_type="text/html")
+            elif mode == "redirect_private":
+                return Response("", status=302, headers={"Location": "http://10.0.0.1/steal"})
+            elif mode == "bad_numbers":
+                return Response(
+                    '{"tag": "payRequest", "callback": "%s", "minSendable": 1e400,'
+                    ' "maxSendable": NaN, "metadata": "[]"}' % callback,
+                    content_type="application/json",
+                )
             return {
                 "tag": "payRequest",
                 "callback": callback,

@@ -175,6 +175,7 @@ async def earn(
         "lnurl_base_url_override": lnurl.url,
         "payout_interval": "0.2",
         "payout_threshold_sats": "100",
+        "free_daily_requests": "0",  # paid jobs: payable at once
         **overrides,
     }
     net = await start_network(nursery, tmp_path, nodes=0, **settings)
@@ -243,6 +244,12 @@ async def test_payout_reaches_lightning_address_once(nursery: trio.Nursery, tmp_
         ("slow", "did not answer"),
         ("mainnet", "network"),
         ("expired", "expired"),
+        ("odd_port", "malformed URL"),
+        ("deep_json", "did not answer JSON"),
+        ("huge", "response too large"),
+        ("not_json", "did not answer JSON"),
+        ("redirect_private", "HTTP 302"),
+        ("bad_numbers", "malformed LNURL-pay response"),
     ],
 )
 async def test_hostile_lnurl_servers_get_nothing(
@@ -262,8 +269,20 @@ async def test_hostile_lnurl_servers_get_nothing(
             "failed", "0" * 64, reason="no such payment"
         )
         assert any(
-            message in r.getMessage() and "funds held" in r.getMessage() for r in caplog.records
+            message in r.getMessage() and "held" in r.getMessage() for r in caplog.records
         ), [r.getMessage() for r in caplog.records]
+        # The payout is held with its reason, counted, and retried later; the worker and
+        # the gateway go on.
+        (hold,) = await gw.payouts.holds()
+        assert hold["node_id"] == net.nodes[0].id and message in hold["reason"]
+        assert hold["next_attempt_at"] > gw.payouts.wall()
+        async with net.gateway.client() as c:
+            assert (await c.get("/healthz")).status_code == 200
+            metrics = (await c.get("/metrics")).text
+        assert 'routecat_payout_failures_total{stage="resolve"} 1.0' in metrics
+        await gw.payouts.cycle()  # in backoff: not tried again at once
+        assert len(await gw.payouts.holds()) == 1
+        assert (await gw.payouts.holds())[0]["failures"] == 1
         await ledger_ok(net)
 
 

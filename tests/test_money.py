@@ -133,9 +133,15 @@ async def test_free_then_paid_billing_is_exact(nursery: trio.Nursery, tmp_path: 
 async def test_overdraft_bounded_by_one_request(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(60):
         net = await start_network(
-            nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=15, max_jobs=200, nodes=2
+            nursery,
+            tmp_path,
+            catalog=catalog(tmp_path),
+            credit_sats=15,
+            max_jobs=200,
+            nodes=2,
+            free_daily_requests="0",
         )
-        body = chat("hi", max_tokens=2000)  # over the free cap: paid
+        body = chat("hi", max_tokens=2000)  # no free requests: paid
         statuses: list[int] = []
         async with net.gateway.client(
             headers={"Authorization": f"Bearer {net.key}"}, limits=httpx.Limits(max_connections=250)
@@ -205,20 +211,27 @@ async def _settle(billing: Any, result: JobResult, out: list[Any]) -> None:
 
 
 def test_what_is_billed_by_outcome() -> None:
+    """DESIGN section 3's table, row by row."""
     from routecat.scheduler import JobSpec
 
-    def result(outcome: str, stream: bool, chunks: int) -> JobResult:
+    def result(outcome: str, stream: bool, chunks: int, dispatched: bool = True) -> JobResult:
         spec = JobSpec("j", "chat", "m", {}, stream, 1, 10, 10)
-        return JobResult(spec, outcome, "n", None, None, chunks, chunks * 3, 1, (), 0.0, 1.0, None)
+        return JobResult(
+            spec, outcome, "n", None, None, chunks, chunks * 3, 1, (), 0.0, 1.0, None, dispatched
+        )
 
     assert billable(result("done", False, 3))
-    assert billable(result("client_gone", False, 3))
-    assert billable(result("node_failed", True, 3))
+    assert not billable(result("client_gone", True, 0, dispatched=False))  # left while queued
+    assert billable(result("client_gone", True, 0))  # left after dispatch: the prompt
+    assert billable(result("client_gone", False, 3))  # left after output started
+    assert not billable(result("node_failed", True, 0, dispatched=False))  # before 1st token
+    assert not billable(result("timeout", False, 0, dispatched=False))
+    assert billable(result("node_failed", True, 3))  # stream: error event, delivered billed
     assert billable(result("timeout", True, 3))
     assert not billable(result("node_failed", False, 3))  # 502: the client got nothing
-    assert not billable(result("node_failed", True, 0))
-    assert not billable(result("no_capacity", True, 0))
-    assert not billable(result("client_gone", True, 0))
+    assert not billable(result("no_capacity", True, 0, dispatched=False))
+    assert billable(result("shutdown", True, 3))  # cut after the drain time
+    assert billable(result("shutdown", True, 0))  # dispatched: the prompt
 
 
 async def test_free_tier_resets_at_midnight_utc(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -426,6 +439,7 @@ async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_pat
             rate_mode="live",
             rate_urls="coinbase=http://127.0.0.1:9/none",
             rate_sources="coinbase",
+            free_daily_requests="1",
         )
         gw = net.gateway.gw
         async with net.client() as c:
@@ -434,9 +448,10 @@ async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_pat
             gw.rates.rate = Decimal("100000")
             gw.rates.fetched_at = gw.rates.wall() - 3600  # an hour old: stale
             r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
-            assert_error(r, 503, "pricing_unavailable")
-            r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
             assert r.status_code == 200  # free requests may use the last known rate
+            assert r.headers["X-RouteCat-Free"] == "1"
+            r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
+            assert_error(r, 503, "pricing_unavailable")  # the free one is used: paid
             stats = (await c.get("/v1/stats")).json()
             assert stats["btc_usd_age_s"] >= 3600
             gw.rates.fetched_at = gw.rates.wall()
@@ -447,7 +462,9 @@ async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_pat
 
 async def test_operator_cli_credit_check_history(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(30):
-        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
+        net = await start_network(
+            nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0, free_daily_requests="0"
+        )
         db = net.gateway.config.database
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -477,7 +494,7 @@ async def test_operator_cli_credit_check_history(nursery: trio.Nursery, tmp_path
             )
         )
         out = await trio.to_thread.run_sync(cli, "ledger", "check")
-        assert out.returncode == 1 and "MISMATCH user:1" in out.stdout
+        assert out.returncode == 1 and "BROKEN user:1: balance" in out.stdout
 
 
 async def test_sigkill_with_jobs_in_flight_loses_nothing(

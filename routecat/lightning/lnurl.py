@@ -28,15 +28,32 @@ from routecat.lightning.backend import InvoiceRejected, check_invoice
 
 log = logging.getLogger("routecat.lightning.lnurl")
 
-ADDRESS = re.compile(
-    r"(?P<user>[a-z0-9._+-]{1,64})@(?P<domain>[a-z0-9.-]{1,253}(:[0-9]{1,5})?)", re.I
-)
+USER = re.compile(r"[a-z0-9._+-]{1,64}")
+LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_BYTES = 64 * 1024
 TIMEOUT = 10.0
 
 
 class LnurlError(Exception):
     """The address could not be resolved to an acceptable invoice; nothing was paid."""
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """``(user, domain)`` of a Lightning Address (LUD-16: ``user@domain``), lowercased.
+
+    Strict on purpose: a domain is two or more DNS labels, not an IP literal, with no
+    port, path or credentials. Raises ``LnurlError`` saying what is wrong."""
+    if not isinstance(address, str) or address.count("@") != 1 or len(address) > 320:
+        raise LnurlError("a Lightning Address is user@domain")
+    user, domain = address.lower().split("@")
+    if not USER.fullmatch(user):
+        raise LnurlError("the user part may hold only a-z, 0-9, '.', '_', '+' and '-'")
+    labels = domain.split(".")
+    if len(domain) > 253 or len(labels) < 2 or not all(LABEL.fullmatch(x) for x in labels):
+        raise LnurlError("the domain must be a DNS name like example.com (no port, no IP)")
+    if labels[-1].isdigit():
+        raise LnurlError("the domain must be a DNS name, not an IP address")
+    return user, domain
 
 
 @attrs.frozen
@@ -65,7 +82,7 @@ def _check_ip(ip: str, allow_private: bool) -> None:
 async def _resolve(host: str, port: int, allow_private: bool) -> str:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError, ValueError) as exc:
         raise LnurlError(f"cannot resolve {host}: {exc}") from None
     ips = sorted({str(info[4][0]) for info in infos})
     if not ips:
@@ -86,11 +103,18 @@ class Resolver:
 
     async def _get_json(self, url: str, *, trusted: bool = False) -> Any:
         """GET a JSON document; ``trusted`` only for the operator's own override URL."""
-        parts = urllib.parse.urlsplit(url)
+        if len(url) > 2048 or any(ord(c) < 33 or ord(c) == 127 for c in url):
+            raise LnurlError("malformed URL (too long, or spaces or control characters)")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise LnurlError(f"malformed URL: {exc}") from None
         if parts.scheme not in ("https", "http"):
             raise LnurlError(f"unsupported URL scheme {parts.scheme!r}")
         host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if not host:
+            raise LnurlError("the URL names no host")
         ip = await _resolve(host, port, self.allow_private or trusted)
         if parts.scheme == "http" and not (self.allow_private or trusted):
             raise LnurlError("LNURL requires https")
@@ -98,7 +122,8 @@ class Resolver:
         target = urllib.parse.urlunsplit(
             (parts.scheme, f"{netloc}:{port}", parts.path or "/", parts.query, "")
         )
-        headers = {"Host": parts.netloc, "Accept": "application/json"}
+        default_port = parts.port is None
+        headers = {"Host": host if default_port else f"{host}:{port}", "Accept": "application/json"}
         extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
         try:
             with trio.fail_after(self.timeout):
@@ -116,7 +141,7 @@ class Resolver:
             raise LnurlError(f"{host}: {type(exc).__name__}") from None
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LnurlError(f"{host} did not answer JSON (HTTP {response.status_code})") from None
         if isinstance(data, dict) and str(data.get("status", "")).upper() == "ERROR":
             raise LnurlError(f"{host} answered an error: {str(data.get('reason', ''))[:200]}")
@@ -133,10 +158,7 @@ class Resolver:
         return (ours.scheme, ours.netloc) == (theirs.scheme, theirs.netloc)
 
     def address_url(self, address: str) -> str:
-        match = ADDRESS.fullmatch(address.strip())
-        if match is None:
-            raise LnurlError(f"not a Lightning Address: {address!r}")
-        user, domain = match["user"].lower(), match["domain"].lower()
+        user, domain = parse_address(address.strip())
         base = self.base_url_override.rstrip("/") or f"https://{domain}"
         return f"{base}/.well-known/lnurlp/{user}"
 
@@ -144,15 +166,18 @@ class Resolver:
         data = await self._get_json(self.address_url(address), trusted=bool(self.base_url_override))
         if not isinstance(data, dict) or data.get("tag") != "payRequest":
             raise LnurlError("not an LNURL-pay response (tag != payRequest)")
-        try:
-            request = PayRequest(
-                callback=str(data["callback"]),
-                min_sendable=int(data["minSendable"]),
-                max_sendable=int(data["maxSendable"]),
-                metadata=str(data.get("metadata", "")),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise LnurlError("malformed LNURL-pay response") from None
+        callback, low, high = data.get("callback"), data.get("minSendable"), data.get("maxSendable")
+        metadata = data.get("metadata", "")
+        if (
+            not isinstance(callback, str)
+            or not isinstance(metadata, str)
+            or not isinstance(low, int)
+            or not isinstance(high, int)
+            or isinstance(low, bool)
+            or isinstance(high, bool)
+        ):
+            raise LnurlError("malformed LNURL-pay response")
+        request = PayRequest(callback, low, high, metadata)
         if request.min_sendable < 1 or request.max_sendable < request.min_sendable:
             raise LnurlError("nonsensical minSendable/maxSendable")
         return request

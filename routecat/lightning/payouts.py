@@ -9,7 +9,13 @@ Invariants:
 - a node with a payout still pending gets no new one: an ambiguous outcome holds the
   funds until the backend says, by payment hash, that it was paid (then it is done) or
   that it definitely failed (then the funds return to the provider);
-- the routing fee is the operator's cost (paid from ``operator:fee``).
+- the routing fee is the operator's cost, posted to ``operator:routing_fees`` (so
+  that ``operator:fee`` holds only the 5% shares);
+- one provider's failure is that payout's failure, never the worker's: whatever goes
+  wrong for one payout (an address that does not resolve, a hostile LNURL server, an
+  unexpected error anywhere) is recorded in ``payout_holds`` with its reason, counted
+  in ``/metrics``, retried with exponential backoff, and the worker goes on with the
+  others. Nothing a stored row holds can stop the worker or the process.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from typing import Any
 
 import attrs
 import bolt11
-import httpx
 import sqlite_utils
 import trio
 
@@ -34,7 +39,8 @@ from routecat.metrics import Metrics
 
 log = logging.getLogger("routecat.lightning.payouts")
 
-RETRY_AFTER_FAILURE = 600.0
+RETRY_FIRST = 60.0
+RETRY_MAX = 6 * 3600.0
 
 
 def fee_cap_msat(amount_msat: int) -> int:
@@ -97,7 +103,7 @@ def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, n
             [
                 book.Posting(book.PAYOUTS_IN_FLIGHT, -amount),
                 book.Posting(book.LIGHTNING_OUT, amount + fee),
-                book.Posting(book.OPERATOR_FEE, -fee),
+                book.Posting(book.ROUTING_FEES, -fee),
             ],
             memo=f"payout {payout_id} paid, routing fee {fee} msat",
         )
@@ -125,6 +131,31 @@ def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, n
     return "unchanged"
 
 
+def hold_payout(db: sqlite_utils.Database, node_id: str, reason: str, now: float) -> float:
+    """Record why a provider's payout is held; returns when it will be tried again."""
+    row = one(db, "SELECT failures FROM payout_holds WHERE node_id = ?", (node_id,))
+    failures = 1 + (int(row[0]) if row else 0)
+    retry_at: float = now + min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(failures - 1, 20))
+    db.conn.execute(
+        "INSERT INTO payout_holds (node_id, reason, failures, next_attempt_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET reason = excluded.reason,"
+        " failures = excluded.failures, next_attempt_at = excluded.next_attempt_at,"
+        " updated_at = excluded.updated_at",
+        (node_id, reason[:300], failures, retry_at, now),
+    )
+    return retry_at
+
+
+def clear_hold(db: sqlite_utils.Database, node_id: str) -> None:
+    db.conn.execute("DELETE FROM payout_holds WHERE node_id = ?", (node_id,))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A reason fit for a log line and the operator's list: never a traceback or a secret."""
+    text = str(exc)[:200] if isinstance(exc, LnurlError | LightningError | InvoiceRejected) else ""
+    return f"{type(exc).__name__}: {text}" if text else f"unexpected {type(exc).__name__}"
+
+
 @attrs.define(eq=False)
 class Payouts:
     store: Store
@@ -133,7 +164,6 @@ class Payouts:
     resolver: Resolver
     metrics: Metrics
     wall: Callable[[], float] = time.time
-    _backoff: dict[str, float] = attrs.Factory(dict)
     paid: int = 0
 
     async def due(self) -> list[Due]:
@@ -153,15 +183,22 @@ class Payouts:
                 )
                 payable = payable_msat(db, node["id"], now)
                 amount = payable // 1000 * 1000
-                if amount >= threshold * 1000 and not one(
+                if amount < threshold * 1000:
+                    continue
+                if one(
                     db,
                     "SELECT 1 FROM payouts WHERE node_id = ? AND state = 'pending'",
                     (node["id"],),
+                ) or one(
+                    db,
+                    "SELECT 1 FROM payout_holds WHERE node_id = ? AND next_attempt_at > ?",
+                    (node["id"], now),
                 ):
-                    out.append(Due(node["id"], node["payout_address"], amount))
+                    continue
+                out.append(Due(node["id"], node["payout_address"], amount))
             return out
 
-        return [d for d in await self.store.read(read) if self._backoff.get(d.node_id, 0) <= now]
+        return await self.store.read(read)
 
     async def reconcile(self) -> None:
         """Ask the backend about every pending payout, by payment hash."""
@@ -174,15 +211,20 @@ class Payouts:
         for payout_id, payment_hash in pending:
             try:
                 payment = await self.backend.payment_status(payment_hash)
-            except (LightningError, httpx.HTTPError, OSError) as exc:
+                if payment.state != "pending":
+                    await self._finish(payout_id, payment)
+            except Exception as exc:  # one payout's trouble, never the worker's
+                self.metrics.payout_failures.labels("reconcile").inc()
                 log.warning(
-                    "payout %d: no answer from the backend (%s); funds held", payout_id, exc
+                    "payout %d: no answer from the backend (%s); funds held",
+                    payout_id,
+                    describe_error(exc),
                 )
-                continue
-            await self._finish(payout_id, payment)
 
     async def _finish(self, payout_id: int, payment: Payment) -> None:
         now = self.wall()
+        if not isinstance(payment.fee_msat, int) or not 0 <= payment.fee_msat <= 10**12:
+            payment = attrs.evolve(payment, fee_msat=0)  # a backend's nonsense fee: not booked
         outcome = await self.store.write(lambda db: finish_payout(db, payout_id, payment, now))
         if outcome == "paid":
             self.paid += 1
@@ -192,19 +234,29 @@ class Payouts:
                 "payout %d failed: %s; funds returned to the provider", payout_id, payment.reason
             )
 
+    async def _hold(self, due: Due, stage: str, reason: str) -> None:
+        now = self.wall()
+        self.metrics.payout_failures.labels(stage).inc()
+        retry_at = await self.store.write(lambda db: hold_payout(db, due.node_id, reason, now))
+        log.warning(
+            "payout to node %s held (%s): %s; next try in %.0fs",
+            due.node_id,
+            stage,
+            reason,
+            retry_at - now,
+        )
+
     async def pay(self, due: Due) -> str:
-        """Resolve, record, pay, settle one payout. Returns its state."""
+        """Resolve, record, pay, settle one payout. Returns its state; never raises for
+        anything about this payout (it is held, with its reason, and retried later)."""
         try:
             pr = await self.resolver.fetch_invoice(
                 due.address, due.amount_msat, self.backend.network
             )
-        except LnurlError as exc:
-            self._backoff[due.node_id] = self.wall() + RETRY_AFTER_FAILURE
-            log.warning(
-                "payout to node %s (%s) not sent, funds held: %s", due.node_id, due.address, exc
-            )
+            payment_hash = str(bolt11.decode(pr).payment_hash)
+        except Exception as exc:
+            await self._hold(due, "resolve", describe_error(exc))
             return "unresolved"
-        payment_hash = str(bolt11.decode(pr).payment_hash)
         now = self.wall()
         payout_id = await self.store.write(lambda db: start_payout(db, due, payment_hash, pr, now))
         if payout_id is None:
@@ -214,12 +266,34 @@ class Payouts:
             payment = await self.backend.pay_invoice(pr, fee_cap_msat(due.amount_msat))
         except InvoiceRejected as exc:
             payment = Payment("failed", payment_hash, reason=str(exc))
-        except (LightningError, httpx.HTTPError, OSError, trio.TooSlowError) as exc:
+        except Exception as exc:
+            # Perhaps paid, perhaps not: the funds stay in flight until the backend says.
+            self.metrics.payout_failures.labels("pay").inc()
             log.warning(
-                "payout %d: outcome unknown (%s); funds held until reconciled", payout_id, exc
+                "payout %d: outcome unknown (%s); funds held until reconciled",
+                payout_id,
+                describe_error(exc),
             )
             return "pending"
+        if payment.state == "pending":
+            return "pending"
         await self._finish(payout_id, payment)
+        if payment.state == "paid":
+            await self.store.write(lambda db: clear_hold(db, due.node_id))
+            cap = fee_cap_msat(due.amount_msat)
+            if payment.fee_msat > cap:
+                # LNbits and phoenixd take no per-payment fee limit (docs/lightning.md):
+                # the fee actually paid is checked here, and an excess is flagged.
+                self.metrics.payout_failures.labels("fee_over_cap").inc()
+                log.error(
+                    "payout %d: routing fee %d msat exceeded the cap of %d msat (%s)",
+                    payout_id,
+                    payment.fee_msat,
+                    cap,
+                    self.backend.name,
+                )
+        else:
+            await self._hold(due, "pay", f"payment failed: {payment.reason[:200]}")
         return payment.state
 
     async def cycle(self) -> None:
@@ -230,8 +304,10 @@ class Payouts:
             return
         try:
             available = await self.backend.balance_msat()
-        except (LightningError, httpx.HTTPError, OSError) as exc:
-            log.warning("cannot read the wallet balance (%s); payouts wait", exc)
+            if isinstance(available, bool) or not isinstance(available, int):
+                raise LightningError(f"the wallet balance is not an integer: {available!r:.40}")
+        except Exception as exc:
+            log.warning("cannot read the wallet balance (%s); payouts wait", describe_error(exc))
             return
         needed = sum(d.amount_msat + fee_cap_msat(d.amount_msat) for d in due)
         self.metrics.wallet_shortfall.set(max(0, needed - available))
@@ -254,9 +330,17 @@ class Payouts:
         while True:
             try:
                 await self.cycle()
-            except (LightningError, httpx.HTTPError, OSError) as exc:
-                log.warning("payout cycle interrupted: %s", exc)
+            except Exception as exc:  # e.g. the database briefly unavailable: try again later
+                self.metrics.payout_failures.labels("cycle").inc()
+                log.error("payout cycle interrupted: %s", describe_error(exc), exc_info=exc)
             await trio.sleep(self.config.payout_interval)
+
+    async def holds(self) -> list[dict[str, Any]]:
+        return await self.store.read(
+            lambda db: [
+                dict(r) for r in rows(db, "SELECT * FROM payout_holds ORDER BY updated_at DESC")
+            ]
+        )
 
     async def list(self) -> list[dict[str, Any]]:
         return await self.store.read(

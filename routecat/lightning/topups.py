@@ -33,6 +33,9 @@ log = logging.getLogger("routecat.lightning.topups")
 
 # After expiry, keep asking the backend this long before accepting "expired".
 EXPIRED_GRACE = 120.0
+# Expired top-ups are asked about again, less often, for this long after expiry.
+LATE_WINDOW = 7 * 86400.0
+LATE_INTERVAL = 60.0
 
 
 def rfc3339(ts: float) -> str:
@@ -119,7 +122,7 @@ class Topups:
         if row is None:
             # Someone else's invoice or no invoice at all: the same answer.
             raise NotFound("no such top-up for this key", code="not_found", param="payment_hash")
-        if row["state"] == "pending":
+        if row["state"] != "paid":  # "expired" is never final: a late payment counts
             await self.check(payment_hash)
             row = await self.store.read(
                 lambda db: one(db, "SELECT * FROM topups WHERE payment_hash = ?", (payment_hash,))
@@ -141,9 +144,10 @@ class Topups:
         """Ask the backend about one top-up and act on a definite answer."""
         try:
             status = await self.backend.invoice_status(payment_hash)
-        except (LightningError, OSError) as exc:
+        except Exception as exc:  # anything but a definite answer: still pending
+            detail = str(exc)[:200] if isinstance(exc, LightningError) else type(exc).__name__
             log.warning(
-                "top-up %s: backend gave no answer (%s); still pending", payment_hash[:16], exc
+                "top-up %s: backend gave no answer (%s); still pending", payment_hash[:16], detail
             )
             return "pending"
         now = self.wall()
@@ -152,28 +156,47 @@ class Topups:
                 self.credited += 1
                 log.info("top-up %s paid and credited", payment_hash[:16])
             return "paid"
-        if status.state == "expired":
+        row = await self.store.read(
+            lambda db: one(
+                db, "SELECT expires_at FROM topups WHERE payment_hash = ?", (payment_hash,)
+            )
+        )
+        # Expired only when the backend says it can no longer be paid, or, for a backend
+        # that cannot say, once expiry plus a grace period has passed and this status
+        # check still says unpaid. Never final for crediting: see ``reconcile``.
+        if row is not None and (
+            status.state == "expired" or now >= float(row["expires_at"]) + EXPIRED_GRACE
+        ):
 
             def expire(db: sqlite_utils.Database) -> None:
                 db.conn.execute(
-                    "UPDATE topups SET state = 'expired' WHERE payment_hash = ? AND state = 'pending'"
-                    " AND expires_at <= ?",
-                    (payment_hash, now),
+                    "UPDATE topups SET state = 'expired' WHERE payment_hash = ?"
+                    " AND state = 'pending'",
+                    (payment_hash,),
                 )
 
             await self.store.write(expire)
             return "expired"
         return "pending"
 
-    async def reconcile(self) -> int:
-        """Check every pending top-up (also those past expiry: paid late is still paid)."""
-        pending = await self.store.read(
-            lambda db: [
-                r[0] for r in rows(db, "SELECT payment_hash FROM topups WHERE state = 'pending'")
-            ]
-        )
+    async def reconcile(self, *, expired_too: bool = False) -> int:
+        """Check every pending top-up (also those past expiry: paid late is still paid),
+        and with ``expired_too`` those that expired in the last ``LATE_WINDOW`` seconds,
+        so that a payment the backend reports late is still credited, once."""
+        since = self.wall() - LATE_WINDOW
+
+        def read(db: sqlite_utils.Database) -> list[str]:
+            found = rows(db, "SELECT payment_hash FROM topups WHERE state = 'pending'")
+            if expired_too:
+                found += rows(
+                    db,
+                    "SELECT payment_hash FROM topups WHERE state = 'expired' AND expires_at > ?",
+                    (since,),
+                )
+            return [r[0] for r in found]
+
         paid = 0
-        for payment_hash in pending:
+        for payment_hash in await self.store.read(read):
             if await self.check(payment_hash) == "paid":
                 paid += 1
         return paid
@@ -181,10 +204,20 @@ class Topups:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The reconciler: at start (payments made while we were down), then every few
         seconds while invoices are pending."""
-        await self.reconcile()
+        await self._reconcile_safely(expired_too=True)
         task_status.started()
+        last_late_check = self.wall()
         while True:
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
             self._wake = trio.Event()
-            await self.reconcile()
+            late = self.wall() - last_late_check >= LATE_INTERVAL
+            if late:
+                last_late_check = self.wall()
+            await self._reconcile_safely(expired_too=late)
+
+    async def _reconcile_safely(self, *, expired_too: bool) -> None:
+        try:
+            await self.reconcile(expired_too=expired_too)
+        except Exception as exc:  # e.g. the database briefly unavailable: next round
+            log.error("top-up reconciliation interrupted: %r", exc, exc_info=exc)

@@ -405,8 +405,8 @@ class LnurlServer:
                 return Response("", status=302, headers={"Location": "http://10.0.0.1/steal"})
             elif mode == "bad_numbers":
                 return Response(
-                    '{"tag": "payRequest", "callback": "%s", "minSendable": 1e400,'
-                    ' "maxSendable": NaN, "metadata": "[]"}' % callback,
+                    '{"tag": "payRequest", "callback": ' + json.dumps(callback) + ","
+                    ' "minSendable": 1e400, "maxSendable": NaN, "metadata": "[]"}',
                     content_type="application/json",
                 )
             return {

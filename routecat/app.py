@@ -15,7 +15,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from quart import Response, g, jsonify, request
+import trio
+from quart import (
+    Response,
+    g,
+    has_request_context,
+    has_websocket_context,
+    jsonify,
+    request,
+    websocket,
+)
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
@@ -63,18 +72,35 @@ class _HTTPConnection(TrioASGIHTTPConnection):
     the response sent, the client gone while the view ran, or while the response was
     starting (where no body iterator ever runs its ``finally``)."""
 
+    app: App
+
     async def __call__(self, receive: Any, send: Any) -> None:
         callbacks: list[Callable[[], None]] = []
         cast(dict[str, Any], self.scope)[EXCHANGE_END] = callbacks
+        self.app.exchanges += 1
         try:
             await super().__call__(receive, send)
         finally:
             for callback in callbacks:
                 callback()
+            self.app.exchanges -= 1
+            if not self.app.exchanges:
+                self.app.quiet.set()
+                self.app.quiet = trio.Event()
 
 
 class App(QuartTrio):
+    """The gateway's Quart-Trio app; counts HTTP exchanges in progress, so that a
+    shutdown waits for real work and never for idle keep-alive connections."""
+
     asgi_http_class = _HTTPConnection
+    exchanges: int = 0
+    quiet: trio.Event
+
+    async def wait_quiet(self) -> None:
+        """Return once no HTTP exchange is in progress."""
+        while self.exchanges:
+            await self.quiet.wait()
 
 
 def on_exchange_end(callback: Callable[[], None]) -> None:
@@ -108,8 +134,9 @@ async def read_json() -> Any:
     return decode_json(body)
 
 
-def create_app(gw: Gateway) -> QuartTrio:
+def create_app(gw: Gateway) -> App:
     app = App("routecat")
+    app.quiet = trio.Event()
     app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -155,8 +182,8 @@ def create_app(gw: Gateway) -> QuartTrio:
         status = exc.code or 500
         kind = _HTTP_ERRORS.get(status, errors.ApiError)
         message = {
-            404: f"no route for {request.method} {request.path}",
-            405: f"method {request.method} is not allowed on {request.path}",
+            404: f"no route for {_method()} {_path()}",
+            405: f"method {_method()} is not allowed on {_path()}",
             413: f"request body larger than {gw.config.max_body_bytes} bytes",
         }.get(status, exc.description or exc.name)
         response = error_response(kind(message))
@@ -171,8 +198,8 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def unexpected(exc: Exception) -> Response:
         log.error(
             "unhandled error in %s %s",
-            request.method,
-            request.path,
+            _method(),
+            _path(),
             exc_info=exc,
             extra={"request_id": g.get("request_id", "")},
         )
@@ -291,6 +318,17 @@ def create_app(gw: Gateway) -> QuartTrio:
         return json_response(await gw_stats(gw))
 
     return app
+
+
+def _method() -> str:
+    """The request's method; a websocket upgrade (which has no request context) is GET."""
+    return request.method if has_request_context() else "GET"
+
+
+def _path() -> str:
+    if has_request_context():
+        return request.path
+    return websocket.path if has_websocket_context() else "?"
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

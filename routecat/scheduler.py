@@ -186,6 +186,13 @@ class Scheduler:
             while self.jobs:
                 await next(iter(self.jobs.values())).finished.wait()
 
+    def cut_all(self) -> None:
+        """Shutdown after the drain time: cut every job still running (outcome shutdown)."""
+        for handle in list(self.jobs.values()):
+            if handle.cancel_reason is None and not handle.finished.is_set():
+                handle.cancel_reason = "shutdown"
+                handle.scope.cancel()
+
     # -- admission --
 
     def check_model(self, model: str) -> None:

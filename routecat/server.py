@@ -46,7 +46,10 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.bind = [f"{host}:{config.port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.graceful_timeout = config.drain_timeout
+    # The drain (in-flight jobs, then in-flight HTTP exchanges) happens before the
+    # server is told to stop; what is left then is idle keep-alive connections and node
+    # sockets, closed after this short grace.
+    hc.graceful_timeout = 0.5
     hc.read_timeout = None
     hc.keep_alive_timeout = 75
     hc.websocket_max_message_size = config.max_frame_bytes
@@ -80,11 +83,13 @@ async def serve_gateway(
             for service in extra_services:
                 await nursery.start(service)
 
+            http_stop = trio.Event()
+
             async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn.trio.serve(
                     app,
                     hypercorn_config(config),
-                    shutdown_trigger=stop.wait,
+                    shutdown_trigger=http_stop.wait,
                     task_status=task_status,
                 )
                 # HTTP is drained: stop every other service.
@@ -101,7 +106,14 @@ async def serve_gateway(
             await stop.wait()
             gw.ready = False
             log.info("stopping: draining in-flight jobs for up to %gs", config.drain_timeout)
+            deadline = trio.current_time() + config.drain_timeout
             await gw.scheduler.drain(config.drain_timeout)
+            # Jobs still running past the drain time are cut (billed as DESIGN says), and
+            # their streams end with an error event; then the responses finish writing.
+            gw.scheduler.cut_all()
+            with trio.move_on_at(deadline + 2):
+                await app.wait_quiet()
+            http_stop.set()
     finally:
         with trio.CancelScope(shield=True):
             await gw.lightning.close()

@@ -84,6 +84,8 @@ class Attempt:
     failure: str | None = None
     ended: bool = False  # the node sent this attempt's done or error
     client_slow: bool = False  # the inbox overflowed: the client stopped reading
+    # Called when the inbox overflows (the job's owner ends the job at once).
+    on_overflow: Callable[[], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -100,6 +102,8 @@ class Attempt:
             self.client_slow = True
             self.fail_nowait("the job's buffer overflowed (client not reading)")
             self.node.cancel_job(self.job_id, "client not reading")
+            if self.on_overflow is not None:
+                self.on_overflow()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -491,8 +495,6 @@ async def _receive_loop(
             attempt = link.attempts.get(message.job_id)
             if attempt is None:
                 if link.is_late(message.job_id):
-                    if isinstance(message, Done | JobError):
-                        del link.cancelled[message.job_id]  # nothing more will come
                     registry.metrics.protocol_violations.labels("late_frame_dropped").inc()
                     continue
                 registry.metrics.protocol_violations.labels("closed").inc()
@@ -503,11 +505,9 @@ async def _receive_loop(
                 log.warning("node %s: invalid done frame: %s", link.id, message.violation)
             attempt.deliver_nowait(message)
         elif isinstance(message, Cancelled):
-            if link.cancelled.pop(message.job_id, None) is None and (
-                message.job_id not in link.attempts
-            ):
-                link.close("cancelled frame for a job it was never given")
-                return
+            # The node will send nothing more for that job. An acknowledgement that comes
+            # after the grace period (or twice) is harmless: it changes nothing.
+            link.cancelled.pop(message.job_id, None)
         elif isinstance(message, Heartbeat):
             pass
         elif isinstance(message, ModelsUpdate):

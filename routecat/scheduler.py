@@ -345,10 +345,16 @@ class Scheduler:
     ) -> None:
         spec = handle.spec
         deadline = started + self.config.queue_timeout
+
+        def client_not_reading() -> None:
+            handle.cancel_reason = handle.cancel_reason or "client_gone"
+            handle.scope.cancel()
+
         while True:
             progress.attempt = attempt
             progress.node = attempt.node
             progress.attempts += 1
+            attempt.on_overflow = client_not_reading
             job = Job(job_id=spec.job_id, kind=spec.kind, model=spec.model, request=spec.request)  # type: ignore[arg-type]
             try:
                 if not attempt.node.send_nowait(job):

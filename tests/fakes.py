@@ -36,6 +36,8 @@ class Knobs:
     reply: list[str] | None = None  # fixed reply tokens
     repeat: int = 1  # the reply repeated this many times
     report_factor: float = 1.0  # multiply reported completion tokens (a cheating engine)
+    report_prompt_factor: float = 1.0  # multiply reported prompt tokens (a cheating engine)
+    reasoning: list[str] | None = None  # reasoning tokens streamed before the answer
     report_usage: bool = True
     models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
 
@@ -49,6 +51,9 @@ class FakeEngine:
     aborted: list[float] = attrs.Factory(list)  # when each abort was seen (monotonic)
     finished: int = 0
     url: str = ""
+    # One entry per streamed request: its last user message, tokens sent, whether it
+    # completed, and when it ended (monotonic): the engine's own log.
+    log: list[dict[str, Any]] = attrs.Factory(list)
 
     def reply_tokens(self, body: dict[str, Any], kind: str) -> list[str]:
         knobs = self.model_knobs.get(str(body.get("model")), self.knobs)
@@ -130,7 +135,8 @@ class FakeEngine:
             sum(len(str(m.get("content", "")).split()) + 4 for m in body.get("messages", []))
             or len(str(body.get("prompt", "")).split()) + 1
         )
-        completion_tokens = round(len(tokens) * k.report_factor)
+        prompt_tokens = round(prompt_tokens * k.report_prompt_factor)
+        completion_tokens = round((len(tokens) + len(k.reasoning or ())) * k.report_factor)
         stream = body.get("stream", dialect == "ollama")
         if dialect == "openai" and not stream:
             await trio.sleep(k.first_delay + k.delay * len(tokens))
@@ -176,8 +182,19 @@ class FakeEngine:
         k = self.model_knobs.get(str(body.get("model")), self.knobs)
         self.active += 1
         complete = False
+        messages = body.get("messages") or [{}]
+        entry: dict[str, Any] = {
+            "text": str(messages[-1].get("content", body.get("prompt", ""))),
+            "tokens": 0,
+            "complete": False,
+            "started": time.monotonic(),
+        }
+        self.log.append(entry)
         try:
             await trio.sleep(k.first_delay)
+            for thought in k.reasoning or ():
+                yield self._frame(dialect, kind, body, reasoning=thought)
+                entry["tokens"] += 1
             for i, token in enumerate(tokens):
                 if k.crash_after is not None and i >= k.crash_after:
                     raise RuntimeError("engine crashed on purpose")
@@ -186,6 +203,7 @@ class FakeEngine:
                 if i:
                     await trio.sleep(k.delay)
                 yield self._frame(dialect, kind, body, content=token)
+                entry["tokens"] += 1
             if k.tool_call is not None and kind == "chat":
                 yield self._frame(dialect, kind, body, tool_call=k.tool_call)
                 finish = "tool_calls"
@@ -195,6 +213,8 @@ class FakeEngine:
             complete = True
         finally:
             self.active -= 1
+            entry["complete"] = complete
+            entry["ended"] = time.monotonic()
             if complete:
                 self.finished += 1
             else:
@@ -207,7 +227,16 @@ class FakeEngine:
         body: dict[str, Any],
         content: str = "",
         tool_call: dict[str, Any] | None = None,
+        reasoning: str | None = None,
     ) -> bytes:
+        if reasoning is not None:
+            if dialect == "ollama":
+                thinking = {"role": "assistant", "content": "", "thinking": reasoning}
+                frame = {"model": body["model"], "message": thinking, "done": False}
+                return json.dumps(frame).encode() + b"\n"
+            delta = {"reasoning_content": reasoning}
+            frame = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            return b"data: " + json.dumps(frame).encode() + b"\n\n"
         if dialect == "ollama":
             if kind == "completion":
                 return (

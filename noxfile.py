@@ -34,6 +34,20 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def hostile(session: nox.Session) -> None:
+    """The hostile-node property test with many more examples than the default suite
+    (``ROUTECAT_HOSTILE_EXAMPLES``, 2,000 unless set)."""
+    session.install("-e", ".[test]")
+    examples = session.env.get("ROUTECAT_HOSTILE_EXAMPLES", "2000")
+    session.run(
+        "pytest",
+        "tests/test_hostile_nodes.py",
+        *session.posargs,
+        env={"ROUTECAT_HOSTILE_EXAMPLES": examples},
+    )
+
+
+@nox.session
 def e2e(session: nox.Session) -> None:
     """Real external components: Node.js SDK clients (npm ci from the lock file) and the
     web pages in Debian's chromium (installed by .ci/run; never a downloaded browser)."""

@@ -3,6 +3,7 @@ e2e drives real external components; bench measures (never part of the default s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -38,7 +39,7 @@ def hostile(session: nox.Session) -> None:
     """The hostile-node property test with many more examples than the default suite
     (``ROUTECAT_HOSTILE_EXAMPLES``, 2,000 unless set)."""
     session.install("-e", ".[test]")
-    examples = session.env.get("ROUTECAT_HOSTILE_EXAMPLES", "2000")
+    examples = os.environ.get("ROUTECAT_HOSTILE_EXAMPLES", "2000")
     session.run(
         "pytest",
         "tests/test_hostile_nodes.py",

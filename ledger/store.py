@@ -151,23 +151,35 @@ class Store:
         self._queue.append(pending)
         try:
             async with self._write_lock:
+                # Holding the lock, our write is either done or still in the queue.
                 if not pending.done:
-                    batch, self._queue = self._queue, []
-                    for taken in batch:
-                        taken.taken = True
-                    try:
-                        await self._run(lambda: self._commit_batch(batch))
-                    finally:
-                        for taken in batch:
-                            taken.finished.set()
+                    await self._commit_queue()
         except trio.Cancelled:
-            if not pending.taken:
-                self._queue.remove(pending)  # never committed, never will be
-                raise
-            # Another task's batch holds it: its outcome is ours, whatever the cancel.
             with trio.CancelScope(shield=True):
-                await pending.finished.wait()
+                while not pending.done:
+                    if not pending.taken:
+                        self._queue.remove(pending)  # never committed, never will be
+                        raise
+                    # A batch holds it: its outcome is ours, whatever the cancel.
+                    await pending.finished.wait()
         return pending.outcome()
+
+    async def _commit_queue(self) -> None:
+        batch, self._queue = self._queue, []
+        for taken in batch:
+            taken.taken = True
+            taken.finished = trio.Event()
+        try:
+            await self._run(lambda: self._commit_batch(batch))
+        finally:
+            if not any(taken.done for taken in batch):
+                # Cancelled before the batch ran (e.g. waiting for a worker thread): the
+                # writes go back to the head of the queue for the next holder of the lock.
+                for taken in batch:
+                    taken.taken = False
+                self._queue[:0] = batch
+            for taken in batch:
+                taken.finished.set()
 
     def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
         conn = self._writer

@@ -87,7 +87,11 @@ def billable(result: JobResult) -> bool:
 
 def verified_usage(result: JobResult, bytes_per_token: float | None) -> Verified:
     spec = result.spec
-    reported = result.reported if result.outcome == "done" and not result.violation else None
+    # The node's own count, when its done frame arrived (even if the client left just
+    # after) and was valid; verified against the bounds like any report.
+    reported = (
+        result.reported if result.finish_reason is not None and not result.violation else None
+    )
     return verify(
         reported,
         prompt_max=spec.prompt_bound,

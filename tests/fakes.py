@@ -186,6 +186,7 @@ class FakeEngine:
         entry: dict[str, Any] = {
             "text": str(messages[-1].get("content", body.get("prompt", ""))),
             "tokens": 0,
+            "bytes": 0,
             "complete": False,
             "started": time.monotonic(),
         }
@@ -195,6 +196,7 @@ class FakeEngine:
             for thought in k.reasoning or ():
                 yield self._frame(dialect, kind, body, reasoning=thought)
                 entry["tokens"] += 1
+                entry["bytes"] += len(thought.encode())
             for i, token in enumerate(tokens):
                 if k.crash_after is not None and i >= k.crash_after:
                     raise RuntimeError("engine crashed on purpose")
@@ -204,6 +206,7 @@ class FakeEngine:
                     await trio.sleep(k.delay)
                 yield self._frame(dialect, kind, body, content=token)
                 entry["tokens"] += 1
+                entry["bytes"] += len(token.encode())
             if k.tool_call is not None and kind == "chat":
                 yield self._frame(dialect, kind, body, tool_call=k.tool_call)
                 finish = "tool_calls"

@@ -389,6 +389,39 @@ async def test_cancelled_write_never_commits(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_writer_cancelled_before_its_batch_runs_loses_no_other_write(
+    tmp_path: Path,
+) -> None:
+    """The lock holder is cancelled while its batch waits for a worker thread (found by
+    the disconnect fuzz): the others' writes in that batch still commit, its own never."""
+    store = Store.open(str(tmp_path / "w.db"))
+    store.migrate(book.COMPONENT, book.MIGRATIONS)
+    inner = store._run
+
+    async def slow_to_start(fn: Any) -> Any:
+        await trio.sleep(0.1)  # like waiting for a free worker thread: cancellable
+        return await inner(fn)
+
+    store._run = slow_to_start
+
+    def credit(account: str) -> Any:
+        return lambda db: book.post(
+            db, account, "credit", [book.Posting(account, 1), book.Posting("x:y", -1)]
+        )
+
+    async with trio.open_nursery() as nursery:
+
+        async def holder() -> None:
+            with trio.move_on_after(0.05):
+                await store.write(credit("user:a"))
+
+        nursery.start_soon(holder)
+        nursery.start_soon(store.write, credit("user:b"))
+    assert store.read_sync(lambda db: book.balance(db, "user:b")) == (1, 0)
+    assert store.read_sync(lambda db: book.balance(db, "user:a")) == (0, 0)
+    store.close()
+
+
 async def test_client_leaving_during_admission_uses_nothing(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 
 from ledger import book
@@ -409,14 +410,21 @@ async def test_writer_cancelled_before_its_batch_runs_loses_no_other_write(
             db, account, "credit", [book.Posting(account, 1), book.Posting("x:y", -1)]
         )
 
+    scope = trio.CancelScope()
+
+    async def holder() -> None:
+        with scope:
+            await store.write(credit("user:a"))
+
     async with trio.open_nursery() as nursery:
-
-        async def holder() -> None:
-            with trio.move_on_after(0.05):
-                await store.write(credit("user:a"))
-
-        nursery.start_soon(holder)
-        nursery.start_soon(store.write, credit("user:b"))
+        async with store._write_lock:  # both wait, in this order: A will hold, batch [A, B]
+            nursery.start_soon(holder)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(store.write, credit("user:b"))
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.03)  # A holds the lock; its batch waits to start
+        scope.cancel()
+    assert scope.cancelled_caught
     assert store.read_sync(lambda db: book.balance(db, "user:b")) == (1, 0)
     assert store.read_sync(lambda db: book.balance(db, "user:a")) == (0, 0)
     store.close()

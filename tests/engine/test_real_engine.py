@@ -189,3 +189,74 @@ async def test_concurrent_clients_all_answered(
                     inner.start_soon(ask, p)
         assert results == expected
         assert json.dumps(results)  # all distinct clients got their own answer
+
+
+BOUND_CASES: list[dict[str, Any]] = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    {"messages": [{"role": "user", "content": "hi"}]},
+    {"messages": [{"role": "user", "content": ""}], "max_tokens": 8},
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name three colours."},
+            {"role": "assistant", "content": "Red, green, blue."},
+            {"role": "user", "content": "Three more, in French: éèà ü 日本"},
+        ]
+    },
+    {
+        "messages": [{"role": "user", "content": "Reply in JSON with a key 'a'."}],
+        "response_format": {"type": "json_object"},
+        "max_tokens": 24,
+    },
+    {
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+            }
+        ],
+    },
+]
+
+
+@pytest.mark.parametrize("case", BOUND_CASES)
+async def test_real_engine_counts_stay_within_the_bounds(
+    nursery: trio.Nursery, tmp_path: Path, smol_engine: Engine, case: dict[str, Any]
+) -> None:
+    """DESIGN section 3: an honest engine never exceeds the prompt and completion bounds,
+    so its node is never penalised; checked against llama.cpp's own counts."""
+    from routecat.usage import completion_bound, measure_prompt
+
+    body = {"model": SMOL, "temperature": 0, "seed": 1, "max_tokens": 48, **case}
+    with trio.fail_after(300):
+        async with httpx.AsyncClient(base_url=smol_engine.url, timeout=120) as c:
+            r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        message = r.json()["choices"][0]["message"]
+        calls = message.get("tool_calls") or []
+        delivered = len((message.get("content") or "").encode()) + sum(
+            len(call["function"]["name"].encode()) + len(call["function"]["arguments"].encode())
+            for call in calls
+        )
+        prompt = measure_prompt("chat", body)
+        assert usage["prompt_tokens"] <= prompt.bound, (usage, prompt)
+        assert usage["completion_tokens"] <= completion_bound(
+            body["max_tokens"], delivered, len(calls)
+        ), (usage, delivered)
+        # The same request through gateway + owlrun: billed what the engine counted, and
+        # the node keeps its reputation.
+        net = await network_for(nursery, tmp_path, smol_engine)
+        async with net.client() as c:
+            through = await c.post("/v1/chat/completions", json=body)
+        assert through.status_code == 200, through.text
+        assert net.gateway.gw.reputation.penalties == {}

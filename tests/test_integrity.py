@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -817,3 +818,99 @@ async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
     assert store.read_sync(lambda db: book.balance(db, book.LIGHTNING_OUT))[0] == 101_500
     assert store.read_sync(book.check).ok
     store.close()
+
+
+@attrs.define
+class StubBackend:
+    """A Lightning backend whose answers the test sets."""
+
+    state: str = "pending"
+    fee_msat: int = 0
+    name: str = "stub"
+    network: str = "regtest"
+    calls: int = 0
+
+    async def invoice_status(self, payment_hash: str) -> Any:
+        from routecat.lightning.backend import InvoiceStatus
+
+        self.calls += 1
+        return InvoiceStatus(self.state)  # type: ignore[arg-type]
+
+    async def create_invoice(self, amount_msat: int, memo: str, expiry: int) -> Any:
+        raise KeyError("payment_request")  # a backend answering nonsense
+
+
+async def test_topup_expires_only_on_the_backends_word_and_late_payment_counts(
+    tmp_path: Path,
+) -> None:
+    from routecat.lightning.topups import EXPIRED_GRACE, Topups
+    from routecat.server import open_store
+
+    config = _config(tmp_path)
+    store = open_store(config)
+    backend = StubBackend()
+    clock = [1000.0]
+    topups = Topups(store, config, backend, wall=lambda: clock[0])  # type: ignore[arg-type]
+    store.write_sync(
+        lambda db: db.conn.execute(
+            "INSERT INTO topups (payment_hash, key_id, amount_msat, bolt11, backend, created_at,"
+            " expires_at) VALUES (?, 1, 50000, 'lnbc', 'stub', 400, 1000)",
+            ("ab" * 32,),
+        )
+    )
+
+    def state() -> str:
+        row = store.read_sync(lambda db: db.conn.execute("SELECT state FROM topups").fetchone())
+        return str(row[0])
+
+    clock[0] = 1000 + EXPIRED_GRACE - 1  # past expiry by our clock, within the grace
+    assert await topups.check("ab" * 32) == "pending" and state() == "pending"
+    clock[0] = 1000 + EXPIRED_GRACE + 1  # grace passed, the backend still says unpaid
+    assert await topups.check("ab" * 32) == "expired" and state() == "expired"
+    backend.state = "paid"  # the payment arrives late: still credited, once
+    assert await topups.reconcile(expired_too=True) == 1
+    assert await topups.reconcile(expired_too=True) == 0
+    assert state() == "paid"
+    assert store.read_sync(lambda db: book.balance(db, "user:1"))[0] == 50000
+    assert store.read_sync(book.check).ok
+    # A backend that answers nonsense when asked for an invoice: a clean 503.
+    from routecat.errors import ServiceUnavailable
+
+    with pytest.raises(ServiceUnavailable):
+        await topups.create(1, 100)
+    store.close()
+
+
+async def test_routing_fee_over_the_cap_is_flagged(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from routecat.lightning.backend import Payment
+    from tests.test_lightning import earn
+
+    with trio.fail_after(60):
+        net, _ = await earn(nursery, tmp_path, payout_interval="3600")
+        gw = net.gateway.gw
+        backend = gw.payouts.backend
+
+        class Dear:
+            """The dev wallet, but every payment's routing fee is over the cap (as
+            LNbits or phoenixd could charge: they take no per-payment limit)."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(backend, name)
+
+            async def pay_invoice(self, pr: str, max_fee_msat: int) -> Payment:
+                paid = await backend.pay_invoice(pr, max_fee_msat)
+                return Payment("paid", paid.payment_hash, fee_msat=max_fee_msat + 5000)
+
+        gw.payouts.backend = Dear()  # type: ignore[assignment]
+        try:
+            await gw.payouts.cycle()
+        finally:
+            gw.payouts.backend = backend
+        assert [p["state"] for p in await gw.payouts.list()] == ["paid"]
+        assert any("exceeded the cap" in r.getMessage() for r in caplog.records)
+        fee = (await gw.payouts.list())[0]["fee_msat"]
+        routing = await gw.store.read(lambda db: book.balance(db, book.ROUTING_FEES))
+        assert routing[0] == -fee and fee > 10_000
+        await ledger_ok(net)

@@ -26,7 +26,7 @@ import trio
 from ledger import book
 from ledger.store import Store, one, rows
 from routecat.config import Config
-from routecat.errors import InvalidRequest, NotFound
+from routecat.errors import InvalidRequest, NotFound, ServiceUnavailable
 from routecat.lightning.backend import Backend, LightningError
 
 log = logging.getLogger("routecat.lightning.topups")
@@ -81,9 +81,21 @@ class Topups:
             raise InvalidRequest(
                 f"invalid value for 'amount_sats': from {low} to {high} sats", param="amount_sats"
             )
-        invoice = await self.backend.create_invoice(
-            amount_sats * 1000, f"RouteCat top-up of {amount_sats} sats", self.config.invoice_expiry
-        )
+        try:
+            invoice = await self.backend.create_invoice(
+                amount_sats * 1000,
+                f"RouteCat top-up of {amount_sats} sats",
+                self.config.invoice_expiry,
+            )
+            if invoice.amount_msat != amount_sats * 1000 or not invoice.bolt11:
+                raise LightningError("the backend's invoice is not for the amount asked")
+        except Exception as exc:
+            detail = str(exc)[:200] if isinstance(exc, LightningError) else type(exc).__name__
+            log.warning("top-up invoice not created: %s", detail)
+            raise ServiceUnavailable(
+                "the Lightning backend could not create an invoice; try again shortly",
+                retry_after=10,
+            ) from None
         now = self.wall()
 
         def write(db: sqlite_utils.Database) -> None:

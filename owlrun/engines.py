@@ -21,7 +21,7 @@ import attrs
 import httpx
 
 from owlrun.errors import EngineError
-from owlrun.protocol import Delta, Job, ModelInfo, Usage
+from owlrun.protocol import MAX_TOKENS, Delta, Job, ModelInfo, Usage
 
 # A chat template adds a few tokens per message (role markers) and per prompt (the
 # assistant's opening); counted on ChatML-style templates.
@@ -248,7 +248,10 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """An engine's token count, or None when it is not one the protocol can carry."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
 
 
 @attrs.define(eq=False)

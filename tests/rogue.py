@@ -29,6 +29,12 @@ class Rogue:
     async def send(self, frame: dict[str, Any] | str) -> None:
         await self.ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
 
+    async def answer(self, job_id: str, text: str, usage: Any = None) -> None:
+        """An honest answer: one chunk, then done (with ``usage`` as given, valid or not)."""
+        await self.send({"type": "chunk", "job_id": job_id, "delta": {"content": text}})
+        done = {"type": "done", "job_id": job_id, "finish_reason": "stop"}
+        await self.send(done if usage is None else {**done, "usage": usage})
+
     async def next_message(self) -> Message:
         while True:
             try:

@@ -67,10 +67,7 @@ async def test_invalid_usage_is_billed_as_unreported(
 
             inner.start_soon(ask)
             job = await rogue.next_job()
-            await rogue.send({"type": "chunk", "job_id": job.job_id, "delta": {"content": "hi!"}})
-            await rogue.send(
-                {"type": "done", "job_id": job.job_id, "finish_reason": "stop", "usage": usage}
-            )
+            await rogue.answer(job.job_id, "hi!", usage)
         (r,) = responses
         assert r.status_code == 200, r.text
         billed = r.json()["usage"]
@@ -264,17 +261,7 @@ async def test_late_frames_after_cancel_are_dropped_quietly(
             await rogue.send({"type": "cancelled", "job_id": second.job_id})
             await trio.sleep(0.2)
             assert not rogue.closed
-            await rogue.send(
-                {"type": "chunk", "job_id": first.job_id, "delta": {"content": "fine"}}
-            )
-            await rogue.send(
-                {
-                    "type": "done",
-                    "job_id": first.job_id,
-                    "finish_reason": "stop",
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                }
-            )
+            await rogue.answer(first.job_id, "fine", {"prompt_tokens": 3, "completion_tokens": 1})
             await wait_for(lambda: bool(other))
             assert other[0].status_code == 200, other[0].text
             assert other[0].json()["choices"][0]["message"]["content"] == "fine"
@@ -571,17 +558,7 @@ async def test_version_1_agents_keep_working(nursery: trio.Nursery, tmp_path: Pa
 
                 inner.start_soon(ask)
                 job = await rogue.next_job()
-                await rogue.send(
-                    {"type": "chunk", "job_id": job.job_id, "delta": {"content": "ok"}}
-                )
-                await rogue.send(
-                    {
-                        "type": "done",
-                        "job_id": job.job_id,
-                        "finish_reason": "stop",
-                        "usage": {"prompt_tokens": 2, "completion_tokens": 1},
-                    }
-                )
+                await rogue.answer(job.job_id, "ok", {"prompt_tokens": 2, "completion_tokens": 1})
             assert got[0].json()["choices"][0]["message"]["content"] == "ok"
 
 

@@ -54,6 +54,9 @@ from routecat.usage import Verified, completion_bound, verify
 log = logging.getLogger("routecat.billing")
 
 DAY = 86400.0
+# A settlement write that has not begun by then is kept in memory and retried (a write
+# the store has begun always completes: see ledger.store).
+SETTLE_WRITE_TIMEOUT = 20.0
 
 
 def iso(ts: float) -> str:
@@ -294,16 +297,22 @@ class Billing:
             usage = Verified(0, 0, usage.reported, False)
         bill = Bill(usage.prompt_tokens, usage.completion_tokens, cost)
         write = functools.partial(self._settle_write, result, usage, bill, charge, self.wall())
-        try:
-            bill = await self.store.write(write)
-            self.open_reservations.discard(spec.job_id)
-        except Exception as exc:
+        failure: BaseException | None = None
+        with trio.move_on_after(SETTLE_WRITE_TIMEOUT) as timer:
+            try:
+                bill = await self.store.write(write)
+                self.open_reservations.discard(spec.job_id)
+            except Exception as exc:
+                failure = exc
+        if timer.cancelled_caught:  # a stalled store: the write never began, so retry it
+            failure = TimeoutError(f"the store did not commit within {SETTLE_WRITE_TIMEOUT:g}s")
+        if failure is not None:
             self.metrics.settlement_retries.inc()
             log.error(
                 "settling job %s failed (%s); the bill is kept and retried",
                 spec.job_id,
-                type(exc).__name__,
-                exc_info=exc,
+                type(failure).__name__,
+                exc_info=failure,
             )
             self._unsettled[spec.job_id] = write
             self.metrics.settlements_pending.set(len(self._unsettled))

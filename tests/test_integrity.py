@@ -891,3 +891,40 @@ async def test_routing_fee_over_the_cap_is_flagged(
         routing = await gw.store.read(lambda db: book.balance(db, book.ROUTING_FEES))
         assert routing[0] == -fee and fee > 10_000
         await ledger_ok(net)
+
+
+async def test_failing_settlement_is_kept_and_retried(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from routecat.billing import Billing
+
+    original = Billing._settle_write
+    failures = [3]
+
+    def flaky(self: Billing, *args: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return original(self, *args)
+
+    monkeypatch.setattr(Billing, "_settle_write", flaky)
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, free_daily_requests="0")
+        gw = net.gateway.gw
+        before = (await balance(net))["balance_msat"]
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("pay me later"))
+        assert r.status_code == 200, r.text
+        cost = r.json()["usage"]["cost_msat"]
+        assert cost > 0
+        # The process stays up; the bill commits once the store works again.
+        await wait_for(lambda: failures[0] == 0 and not gw.billing._unsettled, timeout=10)
+        assert (await balance(net))["balance_msat"] == before - cost
+        assert await count(net, "SELECT COUNT(*) FROM jobs") == 1
+        assert await count(net, "SELECT COUNT(*) FROM reservations") == 0
+        assert gw.metrics.settlement_retries._value.get() >= 1
+        async with net.gateway.client() as c:
+            assert (await c.get("/healthz")).status_code == 200
+        await ledger_ok(net)

@@ -96,20 +96,27 @@ def engine_environment(session: nox.Session) -> tuple[Path, Path]:
     root = Path(session.virtualenv.location).parent
     venv = root / "engine-server"
     python = venv / "bin" / "python"
-    if not (venv / "bin" / "llama_cpp_ready").exists():
-        session.run("python3", "-m", "venv", str(venv), external=True)
+    ready = venv / "bin" / "llama_cpp_portable_ready"
+    if not ready.exists():
+        session.run("python3", "-m", "venv", "--clear", str(venv), external=True)
+        # A portable build (AVX2, no AVX-512 or AMX): a native build uses every
+        # instruction this CPU lists, and AMX kernels segfault where the sandbox does not
+        # grant AMX tile state. --no-cache-dir: pip's wheel cache is keyed by the sdist,
+        # not by these flags, and would hand back a native wheel built elsewhere.
         session.run(
             str(python),
             "-m",
             "pip",
             "install",
             "--quiet",
+            "--no-cache-dir",
             "llama-cpp-python[server]==0.3.36",
             "gguf==0.19.0",
             "numpy",
             external=True,
+            env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"},
         )
-        (venv / "bin" / "llama_cpp_ready").touch()
+        ready.touch()
     models = root / "models"
     model = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not model.exists():

@@ -25,6 +25,7 @@ from ledger import book
 from ledger.store import rows
 from routecat import errors
 from routecat.app import audit_page, gw_stats, model_list, remote_ip
+from routecat.billing import payout_totals
 from routecat.gateway import Gateway
 from routecat.nodes import hash_secret
 
@@ -106,8 +107,9 @@ def node_summary(db: Any, node_id: str, now: float) -> dict[str, Any] | None:
         " ORDER BY id DESC LIMIT 50",
         (node_id,),
     )
-    paid = sum(p["amount_msat"] for p in payouts if p["state"] == "paid")
-    pending = sum(p["amount_msat"] for p in payouts if p["state"] == "pending")
+    # The totals over every payout (the list below shows only the latest 50).
+    sums = payout_totals(db, node_id)
+    paid, pending = sums["paid_msat"], sums["pending_msat"]
     return {
         "id": node["id"],
         "name": node["name"],

@@ -928,3 +928,31 @@ async def test_failing_settlement_is_kept_and_retried(
         async with net.gateway.client() as c:
             assert (await c.get("/healthz")).status_code == 200
         await ledger_ok(net)
+
+
+def test_provider_totals_count_every_payout(tmp_path: Path) -> None:
+    """The providers page summed paid and pending payouts over its list of the latest
+    50 only; a node with more was under-reported."""
+    from routecat.server import open_store
+    from routecat.web import node_summary
+
+    store = open_store(_config(tmp_path))
+
+    def seed(db: Any) -> None:
+        db.conn.execute(
+            "INSERT INTO nodes (id, secret_hash, created_at, last_seen_at)"
+            " VALUES ('n', 'x', '2026-01-01', '2026-01-01')"
+        )
+        for i in range(60):
+            db.conn.execute(
+                "INSERT INTO payouts (node_id, address, amount_msat, state, created_at,"
+                " updated_at) VALUES ('n', 'n@x.example', 1000000, ?, ?, ?)",
+                ("pending" if i == 59 else "paid", float(i), float(i)),
+            )
+
+    store.write_sync(seed)
+    summary = store.read_sync(lambda db: node_summary(db, "n", 0.0))
+    assert summary is not None
+    assert summary["paid_sats"] == 59 * 1000 and summary["pending_sats"] == 1000
+    assert len(summary["payouts"]) == 50
+    store.close()

@@ -198,7 +198,7 @@ class RateFeed:
                     if len(body) > MAX_RESPONSE_BYTES:
                         return None
             return _positive(parse(json.loads(body)))
-        except (httpx.HTTPError, ValueError, UnicodeDecodeError):
+        except Exception:  # any trouble with one source is that source's silence
             return None
 
     async def refresh(self, client: httpx.AsyncClient) -> Decimal | None:

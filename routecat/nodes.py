@@ -368,8 +368,10 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
             parse_address(hello.payout_address)
         except LnurlError as exc:
             return f"payout address {hello.payout_address[:80]!r} is not a Lightning Address: {exc}"
-    if len(hello.name) > 64:
-        return "name longer than 64 characters"
+    for field, value in (("name", hello.name), ("agent_version", hello.agent_version)):
+        # Shown to operators in terminals and pages: printable text only.
+        if len(value) > 64 or not value.isprintable():
+            return f"{field} must be printable text of at most 64 characters"
     return None
 
 

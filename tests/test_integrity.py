@@ -155,6 +155,20 @@ async def test_payout_address_with_port_refused_at_hello(
             assert "no port" in rogue.reply["reason"]
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"name": "evil\x1b[2J"}, {"agent_version": "1.0\n"}, {"name": "x" * 65}],
+)
+async def test_hello_text_must_be_printable(
+    nursery: trio.Nursery, tmp_path: Path, fields: dict[str, str]
+) -> None:
+    with trio.fail_after(20):
+        gateway = await start_gateway(nursery, _config(tmp_path))
+        async with rogue_node(gateway.url, **fields) as rogue:
+            assert rogue.reply["type"] == "refused"
+            assert "printable text" in rogue.reply["reason"]
+
+
 def _config(tmp_path: Path, **overrides: Any) -> Any:
     from tests.conftest import network_config
 

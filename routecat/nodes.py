@@ -383,7 +383,8 @@ def _threshold(hello: Hello, config: Config) -> int:
 async def _refuse(reason: str, retryable: bool = False) -> None:
     log.warning("refused a node: %s", reason)
     await websocket.send(encode(Refused(reason=reason, retryable=retryable)))
-    await websocket.close(1008, reason[:120])
+    # A close reason is at most 123 bytes of UTF-8.
+    await websocket.close(1008, reason.encode()[:120].decode(errors="ignore"))
 
 
 async def serve_node_socket(

@@ -155,6 +155,16 @@ async def test_payout_address_with_port_refused_at_hello(
             assert "no port" in rogue.reply["reason"]
 
 
+async def test_long_non_ascii_refusal_is_clean(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(20):
+        gateway = await start_gateway(nursery, _config(tmp_path))
+        async with rogue_node(gateway.url, payout_address="é" * 100 + "@example.com") as rogue:
+            assert rogue.reply["type"] == "refused"
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 @pytest.mark.parametrize(
     "fields",
     [{"name": "evil\x1b[2J"}, {"agent_version": "1.0\n"}, {"name": "x" * 65}],

@@ -99,6 +99,12 @@ class Config:
     # Admin endpoint (loopback only, token in a 0600 file next to the database).
     admin: bool = True
 
+    def payout_threshold(self, wanted: int | None) -> int:
+        """A provider's payout threshold in sats: what it asked for (or the default),
+        clamped to the operator's bounds."""
+        chosen = wanted or self.payout_threshold_sats
+        return min(max(chosen, self.payout_min_threshold_sats), self.payout_max_threshold_sats)
+
 
 _FIELD_TYPES: dict[str, Any] = {}
 

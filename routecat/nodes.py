@@ -62,6 +62,14 @@ log = logging.getLogger("routecat.nodes")
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
 MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+MAX_MODELS = 1000
+
+
+def models_ok(models: list[ModelInfo]) -> bool:
+    """A node's model list: at most 1,000 names of 1 to 200 characters, no control ones."""
+    return len(models) <= MAX_MODELS and all(MODEL_NAME.fullmatch(m.name) for m in models)
+
+
 KNOWN_FOR = 24 * 3600.0
 INBOX_SIZE = 1024
 OUTBOX_SIZE = 1024
@@ -361,7 +369,7 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
         return "node id missing, malformed, or different from the X-Owlrun-Node header"
     if not 1 <= hello.max_concurrency <= 4096:
         return "max_concurrency must be between 1 and 4096"
-    if len(hello.models) > 1000 or not all(MODEL_NAME.fullmatch(m.name) for m in hello.models):
+    if not models_ok(hello.models):
         return "too many models or a malformed model name"
     if hello.payout_address:
         try:
@@ -373,11 +381,6 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
         if len(value) > 64 or not value.isprintable():
             return f"{field} must be printable text of at most 64 characters"
     return None
-
-
-def _threshold(hello: Hello, config: Config) -> int:
-    wanted = hello.payout_threshold_sats or config.payout_threshold_sats
-    return min(max(wanted, config.payout_min_threshold_sats), config.payout_max_threshold_sats)
 
 
 async def _refuse(reason: str, retryable: bool = False) -> None:
@@ -425,7 +428,7 @@ async def serve_node_socket(
         models={m.name: m for m in hello.models},
         hardware=hello.hardware,
         payout_address=hello.payout_address,
-        payout_threshold_sats=_threshold(hello, config),
+        payout_threshold_sats=config.payout_threshold(hello.payout_threshold_sats),
         outbox=send,
         connected_at=now,
         last_seen=now,
@@ -514,9 +517,7 @@ async def _receive_loop(
         elif isinstance(message, Heartbeat):
             pass
         elif isinstance(message, ModelsUpdate):
-            if len(message.models) > 1000 or not all(
-                MODEL_NAME.fullmatch(m.name) for m in message.models
-            ):
+            if not models_ok(message.models):
                 link.close("malformed models update")
                 return
             link.models = {m.name: m for m in message.models}

@@ -18,6 +18,7 @@ InvoiceState = Literal["pending", "paid", "expired"]
 PaymentState = Literal["pending", "paid", "failed"]
 
 NETWORK_PREFIXES = {"bitcoin": "bc", "testnet": "tb", "signet": "tbs", "regtest": "bcrt"}
+NETWORKS_BY_PREFIX = {prefix: network for network, prefix in NETWORK_PREFIXES.items()}
 
 
 class LightningError(Exception):

@@ -176,11 +176,7 @@ class Payouts:
                 "SELECT id, payout_address, payout_threshold_sats FROM nodes"
                 " WHERE payout_address != '' AND banned_at IS NULL",
             ):
-                threshold = node["payout_threshold_sats"] or self.config.payout_threshold_sats
-                threshold = min(
-                    max(threshold, self.config.payout_min_threshold_sats),
-                    self.config.payout_max_threshold_sats,
-                )
+                threshold = self.config.payout_threshold(node["payout_threshold_sats"])
                 payable = payable_msat(db, node["id"], now)
                 amount = payable // 1000 * 1000
                 if amount < threshold * 1000:

@@ -18,7 +18,13 @@ import attrs
 import bolt11
 import httpx
 
-from routecat.lightning.backend import Invoice, InvoiceStatus, LightningError, Payment
+from routecat.lightning.backend import (
+    NETWORKS_BY_PREFIX,
+    Invoice,
+    InvoiceStatus,
+    LightningError,
+    Payment,
+)
 
 DEFINITE = {401, 403, 404, 405}
 TIMEOUT = httpx.Timeout(20.0, connect=10.0)
@@ -26,9 +32,7 @@ TIMEOUT = httpx.Timeout(20.0, connect=10.0)
 
 def _network_of(pr: str) -> str:
     currency = bolt11.decode(pr).currency
-    return {"bc": "bitcoin", "tb": "testnet", "tbs": "signet", "bcrt": "regtest"}.get(
-        currency, currency
-    )
+    return NETWORKS_BY_PREFIX.get(currency, currency)
 
 
 async def _json(response: httpx.Response, what: str) -> Any:

@@ -411,24 +411,25 @@ def _tool_call(call: Any) -> dict[str, Any]:
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
         raise ProtocolError(f"invalid tool call: index must be an integer below {MAX_TOOL_CALLS}")
     out["index"] = index
-    for name in ("id", "type"):
-        value = call.get(name)
-        if value is not None:
-            if not isinstance(value, str):
-                raise ProtocolError(f"invalid tool call: {name} must be a string")
-            out[name] = value
+    _copy_strings(call, ("id", "type"), out, "")
     fn = call.get("function")
     if fn is not None:
         if not isinstance(fn, dict):
             raise ProtocolError("invalid tool call: function must be an object")
-        function: dict[str, str] = {}
-        for name in ("name", "arguments"):
-            value = fn.get(name)
-            if value is not None:
-                if not isinstance(value, str):
-                    raise ProtocolError(f"invalid tool call: function.{name} must be a string")
-                function[name] = value
-        out["function"] = function
+        out["function"] = _copy_strings(fn, ("name", "arguments"), {}, "function.")
+    return out
+
+
+def _copy_strings(
+    source: dict[str, Any], names: tuple[str, ...], out: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """Copy the named fields that are present into ``out``; each must be a string."""
+    for name in names:
+        value = source.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ProtocolError(f"invalid tool call: {where}{name} must be a string")
+            out[name] = value
     return out
 
 

@@ -36,6 +36,22 @@ async def count(net: Any, sql: str, *params: Any) -> Any:
     return await net.gateway.gw.store.read(lambda db: db.conn.execute(sql, params).fetchone()[0])
 
 
+async def ask_rogue(net: Any, rogue: Any, answer: str, usage: Any) -> httpx.Response:
+    """A client's chat request that the rogue node answers with ``answer`` and ``usage``."""
+    responses: list[httpx.Response] = []
+    async with net.client() as c, trio.open_nursery() as inner:
+
+        async def ask() -> None:
+            body = {**chat("hello there"), "model": ROGUE_MODEL}
+            responses.append(await c.post("/v1/chat/completions", json=body))
+
+        inner.start_soon(ask)
+        job = await rogue.next_job()
+        await rogue.answer(job.job_id, answer, usage)
+    (response,) = responses
+    return response
+
+
 # -- 1. a node cannot mint money -------------------------------------------------------
 
 
@@ -58,17 +74,8 @@ async def test_invalid_usage_is_billed_as_unreported(
         net = await start_network(nursery, tmp_path, nodes=0, free_daily_requests="0")
         gw = net.gateway.gw
         before = (await balance(net))["balance_msat"]
-        async with rogue_node(net.url) as rogue, net.client() as c, trio.open_nursery() as inner:
-            responses: list[httpx.Response] = []
-
-            async def ask() -> None:
-                body = {**chat("hello there"), "model": ROGUE_MODEL}
-                responses.append(await c.post("/v1/chat/completions", json=body))
-
-            inner.start_soon(ask)
-            job = await rogue.next_job()
-            await rogue.answer(job.job_id, "hi!", usage)
-        (r,) = responses
+        async with rogue_node(net.url) as rogue:
+            r = await ask_rogue(net, rogue, "hi!", usage)
         assert r.status_code == 200, r.text
         billed = r.json()["usage"]
         # Billed as if nothing was reported: estimates, never the node's numbers.
@@ -571,19 +578,10 @@ async def test_every_node_cooling_down_fails_at_once(nursery: trio.Nursery, tmp_
 async def test_version_1_agents_keep_working(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(30):
         net = await start_network(nursery, tmp_path, nodes=0)
-        async with rogue_node(net.url, protocol_version=1) as rogue, net.client() as c:
+        async with rogue_node(net.url, protocol_version=1) as rogue:
             assert rogue.reply["type"] == "welcome" and rogue.reply["protocol_version"] == 1
-            async with trio.open_nursery() as inner:
-                got: list[httpx.Response] = []
-
-                async def ask() -> None:
-                    body = {**chat("v1"), "model": ROGUE_MODEL}
-                    got.append(await c.post("/v1/chat/completions", json=body))
-
-                inner.start_soon(ask)
-                job = await rogue.next_job()
-                await rogue.answer(job.job_id, "ok", {"prompt_tokens": 2, "completion_tokens": 1})
-            assert got[0].json()["choices"][0]["message"]["content"] == "ok"
+            r = await ask_rogue(net, rogue, "ok", {"prompt_tokens": 2, "completion_tokens": 1})
+            assert r.json()["choices"][0]["message"]["content"] == "ok"
 
 
 # -- 7. the smaller ones ----------------------------------------------------------------

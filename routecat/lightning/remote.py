@@ -9,9 +9,11 @@ are never logged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -33,6 +35,17 @@ TIMEOUT = httpx.Timeout(20.0, connect=10.0)
 def _network_of(pr: str) -> str:
     currency = bolt11.decode(pr).currency
     return NETWORKS_BY_PREFIX.get(currency, currency)
+
+
+@contextlib.contextmanager
+def map_exceptions(what: str) -> Iterator[None]:
+    """httpx's transport errors as ``LightningError`` (no definite answer: pending, and
+    reconciled later), named by ``what`` and the error's type, never its text (which may
+    hold a URL)."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise LightningError(f"{what}: {type(exc).__name__}") from None
 
 
 async def _json(response: httpx.Response, what: str) -> Any:
@@ -68,12 +81,10 @@ class LNbits:
         }
         if self.webhook_url:
             body["webhook"] = self.webhook_url
-        try:
+        with map_exceptions("LNbits"):
             r = await self.client.post(
                 f"{self.url}/api/v1/payments", json=body, headers=self._headers()
             )
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LNbits: {type(exc).__name__}") from None
         data = await _json(r, "LNbits create invoice")
         pr = data.get("bolt11") or data.get("payment_request")
         if not isinstance(pr, str):
@@ -82,12 +93,10 @@ class LNbits:
         return Invoice(str(data["payment_hash"]), pr, amount_msat, time.time() + expiry)
 
     async def _payment(self, payment_hash: str, admin: bool) -> dict[str, Any] | None:
-        try:
+        with map_exceptions("LNbits"):
             r = await self.client.get(
                 f"{self.url}/api/v1/payments/{payment_hash}", headers=self._headers(admin)
             )
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LNbits: {type(exc).__name__}") from None
         if r.status_code == 404:
             return None
         data = await _json(r, "LNbits payment status")
@@ -109,15 +118,13 @@ class LNbits:
 
     async def pay_invoice(self, bolt11_invoice: str, max_fee_msat: int) -> Payment:
         payment_hash = str(bolt11.decode(bolt11_invoice).payment_hash)
-        try:
+        with map_exceptions("LNbits pay"):
             r = await self.client.post(
                 f"{self.url}/api/v1/payments",
                 json={"out": True, "bolt11": bolt11_invoice},
                 headers=self._headers(admin=True),
                 timeout=httpx.Timeout(90.0, connect=10.0),
             )
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LNbits pay: {type(exc).__name__}") from None
         if r.status_code in DEFINITE:
             return Payment("failed", payment_hash, reason=f"LNbits refused: HTTP {r.status_code}")
         if r.status_code >= 400:
@@ -144,10 +151,8 @@ class LNbits:
         return Payment("pending", payment_hash)
 
     async def balance_msat(self) -> int:
-        try:
+        with map_exceptions("LNbits"):
             r = await self.client.get(f"{self.url}/api/v1/wallet", headers=self._headers())
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LNbits: {type(exc).__name__}") from None
         data = await _json(r, "LNbits wallet")
         return int(data["balance"])
 
@@ -169,12 +174,10 @@ class Phoenixd:
         return httpx.BasicAuth("", self.password)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
+        with map_exceptions("phoenixd"):
             return await self.client.request(
                 method, f"{self.url}{path}", auth=self._auth(), **kwargs
             )
-        except httpx.HTTPError as exc:
-            raise LightningError(f"phoenixd: {type(exc).__name__}") from None
 
     async def create_invoice(self, amount_msat: int, memo: str, expiry: int) -> Invoice:
         r = await self._call(
@@ -269,12 +272,10 @@ class LndRest:
         return {"Grpc-Metadata-macaroon": self.macaroon}
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
+        with map_exceptions("LND"):
             return await self.client.request(
                 method, f"{self.url}{path}", headers=self._headers(), **kwargs
             )
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LND: {type(exc).__name__}") from None
 
     async def create_invoice(self, amount_msat: int, memo: str, expiry: int) -> Invoice:
         r = await self._call(
@@ -326,7 +327,7 @@ class LndRest:
             "timeout_seconds": 60,
             "no_inflight_updates": True,
         }
-        try:
+        with map_exceptions("LND send"):
             async with self.client.stream(
                 "POST",
                 f"{self.url}/v2/router/send",
@@ -341,12 +342,10 @@ class LndRest:
                 if r.status_code >= 400:
                     raise LightningError(f"LND send: HTTP {r.status_code}")
                 lines = [line async for line in r.aiter_lines()]
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LND send: {type(exc).__name__}") from None
         return self._payment_from(payment_hash, lines)
 
     async def payment_status(self, payment_hash: str) -> Payment:
-        try:
+        with map_exceptions("LND track"):
             async with self.client.stream(
                 "GET",
                 f"{self.url}/v2/router/track/{payment_hash}",
@@ -362,8 +361,6 @@ class LndRest:
                     lines.append(line)
                     if '"SUCCEEDED"' in line or '"FAILED"' in line:
                         break
-        except httpx.HTTPError as exc:
-            raise LightningError(f"LND track: {type(exc).__name__}") from None
         return self._payment_from(payment_hash, lines)
 
     async def balance_msat(self) -> int:

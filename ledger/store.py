@@ -16,11 +16,11 @@ runner (tests under virtual time inject an inline one). A cancelled write still
 completes in its thread (``abandon_on_cancel`` stays False): cancellation never
 leaves a half-known commit behind.
 
-Cancellation is exact: a write whose caller is cancelled before a batch took it is
-removed from the queue and never commits (the caller gets ``Cancelled``); a write a
-batch already took commits or fails with its batch, and its caller gets that outcome
-(the cancellation is then delivered at the caller's next checkpoint). So "cancelled"
-always means "not committed", and a returned result always means "committed".
+Cancellation never leaves a write half-known: a write whose caller is cancelled
+before a batch took it is removed from the queue and never commits; a write a batch
+already took commits or fails with its batch, and only then does its caller get
+``Cancelled`` (re-raised, never swallowed). A caller that must know the outcome of a
+write it may be cancelled during shields it (admission does: ``routecat.completions``).
 """
 
 from __future__ import annotations
@@ -156,12 +156,12 @@ class Store:
                     await self._commit_queue()
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                while not pending.done:
-                    if not pending.taken:
-                        self._queue.remove(pending)  # never committed, never will be
-                        raise
-                    # A batch holds it: its outcome is ours, whatever the cancel.
+                while not pending.done and pending.taken:
+                    # A batch holds it: let it commit or fail before we leave.
                     await pending.finished.wait()
+            if not pending.done:
+                self._queue.remove(pending)  # never committed, never will be
+            raise
         return pending.outcome()
 
     async def _commit_queue(self) -> None:

@@ -84,10 +84,11 @@ async def open_job(
         requested_max_tokens=body.requested_max_tokens,
         prompt_bytes=prompt.bytes,
     )
-    # A client that leaves during admission: nothing is committed (the store drops a
-    # cancelled write), or the admission committed and returns, and the cancellation
-    # lands in ``submit`` below, which gives it back.
-    spec = await gw.admit(spec)
+    # Admission is a few milliseconds of database writes whose outcome must be known:
+    # shielded, so that a client leaving meanwhile is noticed in ``submit`` below,
+    # which gives the reservation and the free request back.
+    with trio.CancelScope(shield=True):
+        spec = await gw.admit(spec)
     try:
         handle = await gw.scheduler.submit(spec)
     except BaseException:

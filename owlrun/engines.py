@@ -21,7 +21,7 @@ import attrs
 import httpx
 
 from owlrun.errors import EngineError
-from owlrun.protocol import MAX_TOKENS, Delta, Job, ModelInfo, Usage
+from owlrun.protocol import MAX_TOKENS, MAX_TOOL_CALLS, Delta, Job, ModelInfo, Usage
 
 # A chat template adds a few tokens per message (role markers) and per prompt (the
 # assistant's opening); counted on ChatML-style templates.
@@ -227,7 +227,10 @@ def _tool_call_delta(call: Any, index: int) -> dict[str, Any] | None:
     """An engine's tool-call delta in the exact shape the protocol accepts."""
     if not isinstance(call, dict):
         return None
-    out: dict[str, Any] = {"index": call["index"] if isinstance(call.get("index"), int) else index}
+    index = call["index"] if isinstance(call.get("index"), int) else index
+    if isinstance(index, bool) or not 0 <= index < MAX_TOOL_CALLS:
+        return None  # not a call the protocol can carry
+    out: dict[str, Any] = {"index": index}
     for name in ("id", "type"):
         if isinstance(call.get(name), str):
             out[name] = call[name]

@@ -94,8 +94,11 @@ class App(QuartTrio):
     shutdown waits for real work and never for idle keep-alive connections."""
 
     asgi_http_class = _HTTPConnection
-    exchanges: int = 0
-    quiet: trio.Event
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges = 0
+        self.quiet = trio.Event()
 
     async def wait_quiet(self) -> None:
         """Return once no HTTP exchange is in progress."""
@@ -136,7 +139,6 @@ async def read_json() -> Any:
 
 def create_app(gw: Gateway) -> App:
     app = App("routecat")
-    app.quiet = trio.Event()
     app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]

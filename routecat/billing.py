@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 import attrs
 import sqlite_utils
@@ -478,7 +477,12 @@ class Billing:
                 node = self.registry.nodes.get(node_id)
                 if node is None:
                     continue
-                e = await self.earnings(node_id)
+                try:
+                    e = await self.earnings(node_id)
+                except Exception as exc:  # the store briefly failing: told next time
+                    log.warning("earnings of node %s not read: %r", node_id, exc)
+                    self._dirty_nodes.add(node_id)
+                    continue
                 node.send_nowait(
                     Earnings(
                         earned_msat=e["earned_msat"],
@@ -490,27 +494,27 @@ class Billing:
                     )
                 )
 
-    async def sweep(
-        self,
-        running: Callable[[], Any],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def sweep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Release reservations left by a crash (all of them at start), then, periodically,
-        any whose job is no longer running."""
+        any that no admitted request of this process holds (``open_reservations``: queued,
+        running, or settling)."""
         released = await self.store.write(lambda db: book.sweep_reservations(db, float("inf")))
         if released:
             log.warning("released %d reservations left by an earlier run", len(released))
         task_status.started()
         while True:
             await trio.sleep(self.config.sweep_interval)
-            stale = await self.store.write(
-                functools.partial(
-                    book.sweep_reservations,
-                    older_than=self.wall() - self.config.sweep_interval,
-                    keep=set(running()) | self.open_reservations,
+            try:
+                stale = await self.store.write(
+                    functools.partial(
+                        book.sweep_reservations,
+                        older_than=self.wall() - self.config.sweep_interval,
+                        keep=set(self.open_reservations),
+                    )
                 )
-            )
+            except Exception as exc:  # the store briefly failing: the next round retries
+                log.error("reservation sweep failed: %r", exc)
+                continue
             if stale:
                 log.warning("released %d stale reservations", len(stale))
 

@@ -194,42 +194,40 @@ def stream_response(
     stopped = _sse(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5).body())
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                try:
-                    event = handle.events.receive_nowait()  # the common case, no timer
-                except trio.WouldBlock:
-                    with trio.move_on_after(keepalive) as timer:
-                        try:
-                            event = await handle.events.receive()
-                        except trio.EndOfChannel:
-                            yield stopped
-                            return
-                    if timer.cancelled_caught:
-                        yield b": ping\n\n"
-                        continue
-                except trio.EndOfChannel:
-                    yield stopped
-                    return
-                data, ended = render(event)
-                # Chunks that arrived together leave in one write (one syscall, not many).
-                parts = [data]
-                while not ended and len(parts) < 64:
+        # The job is cancelled when the exchange ends (``open_job``), however it ends.
+        while True:
+            try:
+                event = handle.events.receive_nowait()  # the common case, no timer
+            except trio.WouldBlock:
+                with trio.move_on_after(keepalive) as timer:
                     try:
-                        event = handle.events.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                        event = await handle.events.receive()
                     except trio.EndOfChannel:
-                        parts.append(stopped)
-                        ended = True
-                        break
-                    data, ended = render(event)
-                    parts.append(data)
-                yield b"".join(parts)
-                if ended:
-                    return
-        finally:
-            handle.cancel_nowait("client_gone")
+                        yield stopped
+                        return
+                if timer.cancelled_caught:
+                    yield b": ping\n\n"
+                    continue
+            except trio.EndOfChannel:
+                yield stopped
+                return
+            data, ended = render(event)
+            # Chunks that arrived together leave in one write (one syscall, not many).
+            parts = [data]
+            while not ended and len(parts) < 64:
+                try:
+                    event = handle.events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    parts.append(stopped)
+                    ended = True
+                    break
+                data, ended = render(event)
+                parts.append(data)
+            yield b"".join(parts)
+            if ended:
+                return
 
     response = Response(
         events(),
@@ -249,34 +247,31 @@ async def collect_response(
     reasoning: list[str] = []
     refusal: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
-    try:
-        async for event in handle.events:
-            if isinstance(event, Delta):
-                if event.content:
-                    text.append(event.content)
-                if event.reasoning:
-                    reasoning.append(event.reasoning)
-                if event.refusal:
-                    refusal.append(event.refusal)
-                for call in event.tool_calls or ():
-                    slot = calls.setdefault(
-                        call["index"],
-                        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-                    )
-                    if call.get("id"):
-                        slot["id"] = call["id"]
-                    fn = call.get("function") or {}
-                    if fn.get("name"):
-                        slot["function"]["name"] += fn["name"]
-                    if fn.get("arguments"):
-                        slot["function"]["arguments"] += fn["arguments"]
-            elif isinstance(event, Final):
-                message = Collected("".join(text), "".join(reasoning), "".join(refusal), calls)
-                return _complete(shape, message, event, free_header(handle))
-            elif isinstance(event, Failure):
-                raise event.error
-    finally:
-        handle.cancel_nowait("client_gone")
+    async for event in handle.events:
+        if isinstance(event, Delta):
+            if event.content:
+                text.append(event.content)
+            if event.reasoning:
+                reasoning.append(event.reasoning)
+            if event.refusal:
+                refusal.append(event.refusal)
+            for call in event.tool_calls or ():
+                slot = calls.setdefault(
+                    call["index"],
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                fn = call.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] += fn["name"]
+                if fn.get("arguments"):
+                    slot["function"]["arguments"] += fn["arguments"]
+        elif isinstance(event, Final):
+            message = Collected("".join(text), "".join(reasoning), "".join(refusal), calls)
+            return _complete(shape, message, event, free_header(handle))
+        elif isinstance(event, Failure):
+            raise event.error
     raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
 
 

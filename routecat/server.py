@@ -74,7 +74,7 @@ async def serve_gateway(
         async with trio.open_nursery() as nursery:
             await gw.registry.load()
             await nursery.start(gw.rates.run)
-            await nursery.start(functools.partial(gw.billing.sweep, lambda: gw.scheduler.jobs))
+            await nursery.start(gw.billing.sweep)
             await nursery.start(gw.billing.publish_earnings)
             await nursery.start(gw.billing.retry_settlements)
             await nursery.start(gw.scheduler.run)

@@ -791,7 +791,7 @@ async def test_402_says_why_the_request_could_not_be_free(
 
 async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
     from routecat.lightning.backend import Payment
-    from routecat.lightning.payouts import Due, finish_payout, start_payout
+    from routecat.lightning.payouts import Due, finish_payout, hold_payout, start_payout
     from routecat.server import open_store
 
     store = open_store(_config(tmp_path))
@@ -805,6 +805,8 @@ async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
         )
 
     store.write_sync(seed)
+    # An earlier failure held this provider's payout; a paid one clears the hold.
+    store.write_sync(lambda db: hold_payout(db, "n", "an earlier failure", 0.0))
     payout = store.write_sync(
         lambda db: start_payout(db, Due("n", "n@x.example", 100_000), "ab" * 32, "lnbc", 0.0)
     )
@@ -815,6 +817,10 @@ async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
     assert store.read_sync(lambda db: book.balance(db, book.ROUTING_FEES))[0] == -1500
     assert store.read_sync(lambda db: book.balance(db, book.OPERATOR_FEE))[0] == 0
     assert store.read_sync(lambda db: book.balance(db, book.LIGHTNING_OUT))[0] == 101_500
+    held = store.read_sync(
+        lambda db: db.conn.execute("SELECT COUNT(*) FROM payout_holds").fetchone()[0]
+    )
+    assert held == 0
     assert store.read_sync(book.check).ok
     store.close()
 

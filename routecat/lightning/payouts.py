@@ -88,6 +88,10 @@ def start_payout(
     return payout_id
 
 
+def clear_hold(db: sqlite_utils.Database, node_id: str) -> None:
+    db.conn.execute("DELETE FROM payout_holds WHERE node_id = ?", (node_id,))
+
+
 def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, now: float) -> str:
     """Settle a pending payout on a definite answer; idempotent."""
     row = one(db, "SELECT node_id, amount_msat, state FROM payouts WHERE id = ?", (payout_id,))
@@ -111,6 +115,7 @@ def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, n
             "UPDATE payouts SET state = 'paid', fee_msat = ?, updated_at = ? WHERE id = ?",
             (fee, now, payout_id),
         )
+        clear_hold(db, row["node_id"])  # however it was learned (at once or reconciled)
         return "paid"
     if payment.state == "failed":
         book.post(
@@ -144,10 +149,6 @@ def hold_payout(db: sqlite_utils.Database, node_id: str, reason: str, now: float
         (node_id, reason[:300], failures, retry_at, now),
     )
     return retry_at
-
-
-def clear_hold(db: sqlite_utils.Database, node_id: str) -> None:
-    db.conn.execute("DELETE FROM payout_holds WHERE node_id = ?", (node_id,))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -275,7 +276,6 @@ class Payouts:
             return "pending"
         await self._finish(payout_id, payment)
         if payment.state == "paid":
-            await self.store.write(lambda db: clear_hold(db, due.node_id))
             cap = fee_cap_msat(due.amount_msat)
             if payment.fee_msat > cap:
                 # LNbits and phoenixd take no per-payment fee limit (docs/lightning.md):

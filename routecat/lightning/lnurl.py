@@ -122,8 +122,9 @@ class Resolver:
         target = urllib.parse.urlunsplit(
             (parts.scheme, f"{netloc}:{port}", parts.path or "/", parts.query, "")
         )
-        default_port = parts.port is None
-        headers = {"Host": host if default_port else f"{host}:{port}", "Accept": "application/json"}
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+        authority = name if parts.port is None else f"{name}:{port}"  # never userinfo
+        headers = {"Host": authority, "Accept": "application/json"}
         extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
         try:
             with trio.fail_after(self.timeout):

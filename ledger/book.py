@@ -8,7 +8,7 @@ Invariants owned here (``check`` proves them on demand):
 - ``reserved_msat`` of an account equals the sum of its open reservations.
 
 All amounts are integer millisatoshis. Functions here run inside a write transaction
-of ``ledger.store.Store`` (they take the ``sqlite_utils.Database`` of that
+of ``ledger.store.Store`` (they take the ``Connection`` of that
 transaction); none of them commits.
 
 Sign convention: a posting of +x raises the account's balance. A user's balance is
@@ -19,17 +19,15 @@ and +share to the provider and the fee account.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import sqlite_utils
 
 from ledger.errors import Unbalanced, WrongDirection
 from ledger.money import split
-from ledger.store import Migration, one, rows
+from ledger.store import Connection, Row, Migration, one, rows
 
 COMPONENT = "ledger"
 
@@ -110,9 +108,9 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def ensure_account(db: sqlite_utils.Database, account: str) -> None:
+def ensure_account(db: Connection, account: str) -> None:
     kind = account.split(":", 1)[0]
-    db.conn.execute(
+    db.execute(
         "INSERT INTO accounts (id, kind, created_at) VALUES (?, ?, ?) ON CONFLICT(id) DO NOTHING",
         (account, kind, now_iso()),
     )
@@ -125,7 +123,7 @@ class Posting:
 
 
 def post(
-    db: sqlite_utils.Database,
+    db: Connection,
     key: str,
     kind: str,
     postings: Sequence[Posting],
@@ -136,23 +134,23 @@ def post(
         raise Unbalanced(f"transaction {key} does not balance: {postings}")
     if any(not isinstance(p.amount_msat, int) or isinstance(p.amount_msat, bool) for p in postings):
         raise TypeError("amounts must be integer msat")
-    cursor = db.conn.execute(
+    inserted = db.execute(
         "INSERT INTO transactions (idempotency_key, kind, memo, created_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(idempotency_key) DO NOTHING",
+        " ON CONFLICT(idempotency_key) DO NOTHING RETURNING id",
         (key, kind, memo, now_iso()),
-    )
-    if cursor.rowcount == 0:
+    ).fetchone()
+    if inserted is None:
         return None
-    tx_id = cursor.lastrowid
+    tx_id = int(inserted[0])
     for p in postings:
         if p.amount_msat == 0:
             continue
         ensure_account(db, p.account)
-        db.conn.execute(
+        db.execute(
             "INSERT INTO postings (tx_id, account, amount_msat) VALUES (?, ?, ?)",
             (tx_id, p.account, p.amount_msat),
         )
-        db.conn.execute(
+        db.execute(
             "UPDATE accounts SET balance_msat = balance_msat + ? WHERE id = ?",
             (p.amount_msat, p.account),
         )
@@ -160,7 +158,7 @@ def post(
 
 
 def post_job(
-    db: sqlite_utils.Database, key: str, payer: str, provider: str, cost_msat: int, memo: str = ""
+    db: Connection, key: str, payer: str, provider: str, cost_msat: int, memo: str = ""
 ) -> int | None:
     """Record one job's payment: ``cost_msat`` from the payer (a user or the subsidy) to
     the provider (95%) and the operator's fee account (the rest). The only way a job
@@ -179,31 +177,31 @@ def post_job(
     )
 
 
-def transaction_exists(db: sqlite_utils.Database, key: str) -> bool:
+def transaction_exists(db: Connection, key: str) -> bool:
     return one(db, "SELECT 1 FROM transactions WHERE idempotency_key = ?", (key,)) is not None
 
 
-def balance(db: sqlite_utils.Database, account: str) -> tuple[int, int]:
+def balance(db: Connection, account: str) -> tuple[int, int]:
     """(balance, reserved) of an account; (0, 0) if it has never been used."""
     row = one(db, "SELECT balance_msat, reserved_msat FROM accounts WHERE id = ?", (account,))
     return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
 
 def reserve(
-    db: sqlite_utils.Database, reservation_id: str, account: str, amount_msat: int, now: float
+    db: Connection, reservation_id: str, account: str, amount_msat: int, now: float
 ) -> bool:
     """Reserve ``amount_msat`` if ``balance - reserved > 0`` (checked and taken atomically)."""
     if amount_msat < 0:
         raise ValueError("a reservation cannot be negative")
     ensure_account(db, account)
-    cursor = db.conn.execute(
+    cursor = db.execute(
         "UPDATE accounts SET reserved_msat = reserved_msat + ?"
         " WHERE id = ? AND balance_msat - reserved_msat > 0",
         (amount_msat, account),
     )
     if cursor.rowcount == 0:
         return False
-    db.conn.execute(
+    db.execute(
         "INSERT INTO reservations (id, account, amount_msat, created_at) VALUES (?, ?, ?, ?)",
         (reservation_id, account, amount_msat, now),
     )
@@ -211,34 +209,32 @@ def reserve(
 
 
 def reserve_unconditionally(
-    db: sqlite_utils.Database, reservation_id: str, account: str, amount_msat: int, now: float
+    db: Connection, reservation_id: str, account: str, amount_msat: int, now: float
 ) -> None:
     ensure_account(db, account)
-    db.conn.execute(
+    db.execute(
         "UPDATE accounts SET reserved_msat = reserved_msat + ? WHERE id = ?", (amount_msat, account)
     )
-    db.conn.execute(
+    db.execute(
         "INSERT INTO reservations (id, account, amount_msat, created_at) VALUES (?, ?, ?, ?)",
         (reservation_id, account, amount_msat, now),
     )
 
 
-def release(db: sqlite_utils.Database, reservation_id: str) -> int:
+def release(db: Connection, reservation_id: str) -> int:
     """Release a reservation; idempotent. Returns the amount released (0 if none)."""
     row = one(db, "SELECT account, amount_msat FROM reservations WHERE id = ?", (reservation_id,))
     if row is None:
         return 0
-    db.conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
-    db.conn.execute(
+    db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+    db.execute(
         "UPDATE accounts SET reserved_msat = reserved_msat - ? WHERE id = ?",
         (row["amount_msat"], row["account"]),
     )
     return int(row["amount_msat"])
 
 
-def sweep_reservations(
-    db: sqlite_utils.Database, older_than: float, keep: Iterable[str] = ()
-) -> list[str]:
+def sweep_reservations(db: Connection, older_than: float, keep: Iterable[str] = ()) -> list[str]:
     """Release reservations created before ``older_than`` except those in ``keep``
     (jobs still running). After a crash, with nothing kept, it releases them all."""
     kept = set(keep)
@@ -252,17 +248,15 @@ def sweep_reservations(
     return stale
 
 
-def hold(
-    db: sqlite_utils.Database, tx_id: int, account: str, amount_msat: int, release_at: float
-) -> None:
+def hold(db: Connection, tx_id: int, account: str, amount_msat: int, release_at: float) -> None:
     """Mark part of an account's balance as not payable before ``release_at``."""
-    db.conn.execute(
+    db.execute(
         "INSERT INTO holds (tx_id, account, amount_msat, release_at) VALUES (?, ?, ?, ?)",
         (tx_id, account, amount_msat, release_at),
     )
 
 
-def held(db: sqlite_utils.Database, account: str, now: float) -> int:
+def held(db: Connection, account: str, now: float) -> int:
     row = one(
         db,
         "SELECT COALESCE(SUM(amount_msat), 0) FROM holds WHERE account = ? AND release_at > ?",
@@ -309,16 +303,16 @@ class Check:
         return out
 
 
-def _sign_problems(db: sqlite_utils.Database) -> list[tuple[str, int, str]]:
+def _sign_problems(db: Connection) -> list[tuple[str, int, str]]:
     out: list[tuple[str, int, str]] = []
-    for row in db.conn.execute("SELECT id, balance_msat FROM accounts WHERE balance_msat != 0"):
+    for row in db.execute("SELECT id, balance_msat FROM accounts WHERE balance_msat != 0"):
         account, amount = str(row[0]), int(row[1])
         if amount < 0 and _is(account, NON_NEGATIVE):
             out.append((account, amount, "this kind of account never goes below zero"))
         elif amount > 0 and _is(account, NON_POSITIVE):
             out.append((account, amount, "this kind of account never goes above zero"))
     # A user may owe at most one admitted request: less than its largest job debit.
-    for row in db.conn.execute(
+    for row in db.execute(
         "SELECT a.id, a.balance_msat, COALESCE(MAX(-p.amount_msat), 0) FROM accounts a"
         " LEFT JOIN postings p ON p.account = a.id AND p.amount_msat < 0"
         " AND p.tx_id IN (SELECT id FROM transactions WHERE kind = 'job')"
@@ -331,12 +325,12 @@ def _sign_problems(db: sqlite_utils.Database) -> list[tuple[str, int, str]]:
     return out
 
 
-def _job_problems(db: sqlite_utils.Database) -> list[tuple[int, str]]:
+def _job_problems(db: Connection) -> list[tuple[int, str]]:
     """Every job transaction moves money one way, payer -> provider and operator, and
     its provider share is ``floor(cost * 95%)`` of what the payer paid."""
     out: list[tuple[int, str]] = []
     postings: dict[int, list[tuple[str, int]]] = {}
-    for row in db.conn.execute(
+    for row in db.execute(
         "SELECT p.tx_id, p.account, p.amount_msat FROM postings p"
         " JOIN transactions t ON t.id = p.tx_id WHERE t.kind = 'job' ORDER BY p.tx_id"
     ):
@@ -361,13 +355,13 @@ def _job_problems(db: sqlite_utils.Database) -> list[tuple[int, str]]:
     return out
 
 
-def check(db: sqlite_utils.Database) -> Check:
+def check(db: Connection) -> Check:
     """Prove the invariants from the raw postings (not from the cached balances): the
     zero sum, cached balances and reservations, each account kind's sign, and the
     direction and split of every job transaction."""
     mismatched = [
         (r[0], int(r[1]), int(r[2]))
-        for r in db.conn.execute(
+        for r in db.execute(
             "SELECT a.id, a.balance_msat, COALESCE(SUM(p.amount_msat), 0) AS s"
             " FROM accounts a LEFT JOIN postings p ON p.account = a.id"
             " GROUP BY a.id HAVING a.balance_msat != s"
@@ -375,21 +369,21 @@ def check(db: sqlite_utils.Database) -> Check:
     ]
     unbalanced = [
         int(r[0])
-        for r in db.conn.execute(
+        for r in db.execute(
             "SELECT tx_id FROM postings GROUP BY tx_id HAVING SUM(amount_msat) != 0"
         )
     ]
     reservations = [
         (r[0], int(r[1]), int(r[2]))
-        for r in db.conn.execute(
+        for r in db.execute(
             "SELECT a.id, a.reserved_msat, COALESCE(SUM(r.amount_msat), 0) AS s"
             " FROM accounts a LEFT JOIN reservations r ON r.account = a.id"
             " GROUP BY a.id HAVING a.reserved_msat != s"
         )
     ]
-    total = db.conn.execute("SELECT COALESCE(SUM(amount_msat), 0) FROM postings").fetchone()[0]
+    total = db.execute("SELECT COALESCE(SUM(amount_msat), 0) FROM postings").fetchone()[0]
     counts = [
-        db.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+        db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
         for t in ("accounts", "transactions", "postings")
     ]
     return Check(
@@ -405,7 +399,7 @@ def check(db: sqlite_utils.Database) -> Check:
     )
 
 
-def history(db: sqlite_utils.Database, account: str, limit: int = 100) -> list[dict[str, Any]]:
+def history(db: Connection, account: str, limit: int = 100) -> list[dict[str, Any]]:
     return [
         dict(r)
         for r in rows(
@@ -418,5 +412,15 @@ def history(db: sqlite_utils.Database, account: str, limit: int = 100) -> list[d
     ]
 
 
-def accounts(db: sqlite_utils.Database) -> list[sqlite3.Row]:
+def earned(db: Connection, account: str, kind: str) -> int:
+    """The sum of an account's postings in transactions of one kind (e.g. ``job``)."""
+    row = db.execute(
+        "SELECT COALESCE(SUM(p.amount_msat), 0) FROM postings p JOIN transactions t"
+        " ON t.id = p.tx_id WHERE p.account = ? AND t.kind = ?",
+        (account, kind),
+    ).fetchone()
+    return int(row[0])
+
+
+def accounts(db: Connection) -> list[Row]:
     return rows(db, "SELECT id, kind, balance_msat, reserved_msat FROM accounts ORDER BY id")

@@ -26,7 +26,7 @@ write it may be cancelled during shields it (admission does: ``routecat.completi
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
@@ -34,6 +34,37 @@ import sqlite_utils
 import trio
 
 T = TypeVar("T")
+
+
+class Row(Protocol):
+    """A result row: by column name or position (``sqlite3.Row`` is one)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What a transaction function gets: one connection inside one open transaction.
+
+    The whole storage interface of ``ledger`` and ``routecat.db`` is functions of a
+    ``Connection`` run by a store (``Store.read``/``write``), so a second store over
+    another database only has to supply a connection with ``execute``. The SQLite store
+    passes a ``sqlite_utils.Database``.
+    """
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
 
 
 class ThreadRunner(Protocol):
@@ -54,7 +85,7 @@ async def run_inline(fn: Callable[[], T]) -> T:
 
 @attrs.define(eq=False)
 class _Pending(Generic[T]):
-    fn: Callable[[sqlite_utils.Database], T]
+    fn: Callable[[Connection], T]
     result: T | None = None
     error: BaseException | None = None
     done: bool = False
@@ -122,7 +153,7 @@ class Store:
 
     # -- synchronous API (used inside worker threads and by offline CLI commands) --
 
-    def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    def write_sync(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one IMMEDIATE transaction on the writer; commit or roll back whole.
         For offline commands only: in the gateway, writes go through ``write``."""
         conn = self._writer
@@ -136,7 +167,7 @@ class Store:
         self.writes += 1
         return result
 
-    def read_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    def read_sync(self, fn: Callable[[Connection], T]) -> T:
         conn = self._reader
         conn.execute("BEGIN")
         try:
@@ -146,7 +177,7 @@ class Store:
 
     # -- trio API --
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def write(self, fn: Callable[[Connection], T]) -> T:
         pending = _Pending(fn)
         self._queue.append(pending)
         try:
@@ -206,7 +237,7 @@ class Store:
         self.writes += sum(1 for p in batch if p.error is None)
         self.batches += 1
 
-    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def read(self, fn: Callable[[Connection], T]) -> T:
         if self._reader is self._writer:
             return await self.write(fn)
         async with self._read_lock:
@@ -267,10 +298,10 @@ def _statements(sql: str) -> list[str]:
     return out
 
 
-def rows(db: sqlite_utils.Database, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-    return list(db.conn.execute(sql, params).fetchall())
+def rows(db: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    return list(db.execute(sql, params).fetchall())
 
 
-def one(db: sqlite_utils.Database, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = db.conn.execute(sql, params).fetchone()
+def one(db: Connection, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    row: Row | None = db.execute(sql, params).fetchone()
     return row

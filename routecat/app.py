@@ -33,6 +33,7 @@ from ledger.money import usd_to_sats
 from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.clientip import client_ip
+from routecat.db import jobs as jobs_db
 from routecat.gateway import Gateway
 from routecat.nodes import serve_node_socket
 from routecat.schema import RegisterRequest, TopupRequest, decode_json, parse_request
@@ -296,14 +297,12 @@ def create_app(gw: Gateway) -> App:
         if isinstance(data, str):  # LNbits sends its JSON encoded twice
             data = decode_json(data.encode())
         payment_hash = data.get("payment_hash") if isinstance(data, dict) else None
-        if isinstance(payment_hash, str) and re.fullmatch(r"[0-9a-f]{64}", payment_hash):
-            known = await gw.store.read(
-                lambda db: db.conn.execute(
-                    "SELECT 1 FROM topups WHERE payment_hash = ?", (payment_hash,)
-                ).fetchone()
-            )
-            if known:
-                await gw.topups.check(payment_hash)
+        if (
+            isinstance(payment_hash, str)
+            and re.fullmatch(r"[0-9a-f]{64}", payment_hash)
+            and await gw.topups.exists(payment_hash)
+        ):
+            await gw.topups.check(payment_hash)
         return json_response({"ok": True})
 
     @app.get("/v1/audit")
@@ -311,7 +310,7 @@ def create_app(gw: Gateway) -> App:
         gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
         page = _int_arg("page", 1, 1, 1_000_000)
         per_page = _int_arg("per_page", 50, 1, 100)
-        jobs, total = await gw.store.read(lambda db: audit_page(db, page, per_page))
+        jobs, total = await audit_page(gw, page, per_page)
         return json_response({"jobs": jobs, "total": total, "page": page, "per_page": per_page})
 
     @app.get("/v1/stats")
@@ -376,45 +375,32 @@ def model_list(gw: Gateway) -> list[dict[str, Any]]:
     return out
 
 
-def audit_page(db: Any, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
-    total = db.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-    found = db.conn.execute(
-        "SELECT id, model, tokens_in, tokens_out, duration_ms, cost_msat, finished_at FROM jobs"
-        " ORDER BY finished_at DESC, id DESC LIMIT ? OFFSET ?",
-        (per_page, (page - 1) * per_page),
-    ).fetchall()
+async def audit_page(gw: Gateway, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+    found, total = await gw.store.read(lambda db: jobs_db.audit_page(db, page, per_page))
     jobs = [
         {
-            "id": r["id"],
-            "model": r["model"],
-            "tokens_in": r["tokens_in"],
-            "tokens_out": r["tokens_out"],
-            "duration_ms": r["duration_ms"],
-            "cost_sats": r["cost_msat"] // 1000,
-            "cost_msat": r["cost_msat"],
-            "timestamp": r["finished_at"][:19] + "Z",
+            "id": r.id,
+            "model": r.model,
+            "tokens_in": r.tokens_in,
+            "tokens_out": r.tokens_out,
+            "duration_ms": r.duration_ms,
+            "cost_sats": r.cost_msat // 1000,
+            "cost_msat": r.cost_msat,
+            "timestamp": r.finished_at[:19] + "Z",
         }
         for r in found
     ]
-    return jobs, int(total)
+    return jobs, total
 
 
 async def gw_stats(gw: Gateway) -> dict[str, Any]:
     since = (datetime.now(UTC) - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%S")
 
-    def read(db: Any) -> tuple[int, int]:
-        row = db.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0) FROM jobs"
-            " WHERE finished_at >= ?",
-            (since,),
-        ).fetchone()
-        return int(row[0]), int(row[1])
-
-    jobs, tokens = await gw.store.read(read)
+    day = await gw.store.read(lambda db: jobs_db.activity_since(db, since))
     return {
         "nodes_online": len(gw.registry.nodes),
-        "jobs_24h": jobs,
-        "tokens_24h": tokens,
+        "jobs_24h": day.jobs,
+        "tokens_24h": day.tokens,
         **gw.rates.describe(),
         "version": gw.version,
         "commit": gw.commit,

@@ -34,14 +34,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import attrs
-import sqlite_utils
 import trio
 
 from ledger import book
 from ledger.money import cost_msat, split
-from ledger.store import Store, one
+from ledger.store import Connection, Store
 from owlrun.protocol import Earnings
 from routecat.config import Config
+from routecat.db import jobs, payouts, quota
+from routecat.db.jobs import JobRecord
 from routecat.errors import InsufficientBalance, ServiceUnavailable
 from routecat.metrics import Metrics
 from routecat.nodes import NodeLink, Registry
@@ -104,61 +105,32 @@ def verified_usage(result: JobResult, bytes_per_token: float | None) -> Verified
     )
 
 
-def record_job(
-    db: sqlite_utils.Database,
-    result: JobResult,
-    usage: Verified,
-    cost: int,
-    provider_share: int,
-    free: bool,
-) -> None:
+def job_record(
+    result: JobResult, usage: Verified, cost: int, provider_share: int, free: bool
+) -> JobRecord:
     spec = result.spec
     reported = result.reported
-    db.conn.execute(
-        "INSERT INTO jobs (id, key_id, node_id, model, kind, stream, free, outcome, tokens_in,"
-        " tokens_out, reported_in, reported_out, bytes_out, duration_ms, ttft_ms, cost_msat,"
-        " provider_msat, created_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT(id) DO NOTHING",
-        (
-            spec.job_id,
-            spec.key_id,
-            result.node_id,
-            spec.model,
-            spec.kind,
-            int(spec.stream),
-            int(free),
-            result.outcome,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            reported.prompt_tokens if reported else None,
-            reported.completion_tokens if reported else None,
-            result.delivered_bytes,
-            round(result.duration * 1000),
-            None if result.ttft is None else round(result.ttft * 1000),
-            cost,
-            provider_share,
-            iso(result.started_at),
-            iso(result.started_at + result.duration),
-        ),
+    return JobRecord(
+        id=spec.job_id,
+        key_id=spec.key_id,
+        node_id=result.node_id,
+        model=spec.model,
+        kind=spec.kind,
+        stream=spec.stream,
+        free=free,
+        outcome=result.outcome,
+        tokens_in=usage.prompt_tokens,
+        tokens_out=usage.completion_tokens,
+        reported_in=reported.prompt_tokens if reported else None,
+        reported_out=reported.completion_tokens if reported else None,
+        bytes_out=result.delivered_bytes,
+        duration_ms=round(result.duration * 1000),
+        ttft_ms=None if result.ttft is None else round(result.ttft * 1000),
+        cost_msat=cost,
+        provider_msat=provider_share,
+        created_at=iso(result.started_at),
+        finished_at=iso(result.started_at + result.duration),
     )
-
-
-def free_used(db: sqlite_utils.Database, key_id: int, day: str) -> int:
-    row = one(db, "SELECT used FROM free_usage WHERE key_id = ? AND day = ?", (key_id, day))
-    return int(row[0]) if row else 0
-
-
-def give_back_free_request(db: sqlite_utils.Database, key_id: int, day: str) -> None:
-    db.conn.execute(
-        "UPDATE free_usage SET used = used - 1 WHERE key_id = ? AND day = ? AND used > 0",
-        (key_id, day),
-    )
-
-
-def subsidy_spent(db: sqlite_utils.Database, day: str) -> int:
-    row = one(db, "SELECT spent_msat FROM subsidy_days WHERE day = ?", (day,))
-    return int(row[0]) if row else 0
 
 
 @attrs.define(eq=False)
@@ -176,7 +148,7 @@ class Billing:
     # the sweeper never releases these.
     open_reservations: set[str] = attrs.Factory(set)
     _dirty_nodes: set[str] = attrs.Factory(set)
-    _unsettled: dict[str, Callable[[sqlite_utils.Database], Bill]] = attrs.Factory(dict)
+    _unsettled: dict[str, Callable[[Connection], Bill]] = attrs.Factory(dict)
     _retry: trio.Event = attrs.Factory(trio.Event)
 
     # -- admission --
@@ -218,20 +190,16 @@ class Billing:
             reserve = self.max_cost(free_spec, price, last)
             budget = self.config.free_daily_budget_sats * 1000
 
-            def take_free(db: sqlite_utils.Database) -> str | None:
-                if free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
+            def take_free(db: Connection) -> str | None:
+                if quota.free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
                     return (
                         f"the key's {self.config.free_daily_requests} free requests for today"
                         " are used (they reset at midnight UTC)"
                     )
                 _, reserved = book.balance(db, book.SUBSIDY)
-                if subsidy_spent(db, day) + reserved + reserve > budget:
+                if quota.subsidy_spent(db, day) + reserved + reserve > budget:
                     return "the gateway's free budget for today is spent"
-                db.conn.execute(
-                    "INSERT INTO free_usage (key_id, day, used) VALUES (?, ?, 1)"
-                    " ON CONFLICT(key_id, day) DO UPDATE SET used = used + 1",
-                    (spec.key_id, day),
-                )
+                quota.take_free_request(db, spec.key_id, day)
                 book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
                 return None
 
@@ -265,9 +233,9 @@ class Billing:
         if not isinstance(admission, Admission):
             return
 
-        def undo(db: sqlite_utils.Database) -> None:
+        def undo(db: Connection) -> None:
             if book.release(db, spec.job_id) and admission.free:
-                give_back_free_request(db, spec.key_id, admission.day)
+                quota.give_back_free_request(db, spec.key_id, admission.day)
 
         await self.store.write(undo)
         self.open_reservations.discard(spec.job_id)
@@ -326,7 +294,7 @@ class Billing:
         bill: Bill,
         charge: bool,
         now: float,
-        db: sqlite_utils.Database,
+        db: Connection,
     ) -> Bill:
         """The settlement transaction: idempotent on the job id."""
         spec = result.spec
@@ -334,12 +302,8 @@ class Billing:
         assert isinstance(admission, Admission)
         key = f"job:{spec.job_id}"
         if book.transaction_exists(db, key):
-            row = one(
-                db,
-                "SELECT tokens_in, tokens_out, cost_msat FROM jobs WHERE id = ?",
-                (spec.job_id,),
-            )
-            return Bill(0, 0, 0) if row is None else Bill(row[0], row[1], row[2])
+            done = jobs.billed(db, spec.job_id)
+            return Bill(0, 0, 0) if done is None else Bill(*attrs.astuple(done))
         book.release(db, spec.job_id)
         payer = book.SUBSIDY if admission.free else book.user_account(spec.key_id)
         provider = book.provider_account(result.node_id) if result.node_id else book.OPERATOR_FEE
@@ -356,16 +320,14 @@ class Billing:
         if admission.free:
             if provider_share and result.node_id:
                 book.hold(db, tx, provider, provider_share, now + self.config.probation_days * DAY)
-            db.conn.execute(
-                "INSERT INTO subsidy_days (day, spent_msat) VALUES (?, ?)"
-                " ON CONFLICT(day) DO UPDATE SET spent_msat = spent_msat + excluded.spent_msat",
-                (admission.day, bill.cost_msat),
-            )
+            quota.add_subsidy_spent(db, admission.day, bill.cost_msat)
             if not charge:
                 # A free request that was not served (nothing billed) keeps its quota.
-                give_back_free_request(db, spec.key_id, admission.day)
+                quota.give_back_free_request(db, spec.key_id, admission.day)
         if charge:
-            record_job(db, result, usage, bill.cost_msat, provider_share, admission.free)
+            jobs.insert_job(
+                db, job_record(result, usage, bill.cost_msat, provider_share, admission.free)
+            )
         return bill
 
     def _settled_job(self, result: JobResult, usage: Verified, bill: Bill, charge: bool) -> None:
@@ -425,9 +387,9 @@ class Billing:
     async def balance(self, key_id: int) -> dict[str, int]:
         day = utc_day(self.wall())
 
-        def read(db: sqlite_utils.Database) -> tuple[int, int]:
+        def read(db: Connection) -> tuple[int, int]:
             balance, _ = book.balance(db, book.user_account(key_id))
-            return balance, free_used(db, key_id, day)
+            return balance, quota.free_used(db, key_id, day)
 
         balance_msat, used = await self.store.read(read)
         return {
@@ -440,22 +402,17 @@ class Billing:
         account = book.provider_account(node_id)
         now = self.wall()
 
-        def read(db: sqlite_utils.Database) -> dict[str, int]:
+        def read(db: Connection) -> dict[str, int]:
             balance, _ = book.balance(db, account)
             held = book.held(db, account, now)
-            earned = one(
-                db,
-                "SELECT COALESCE(SUM(p.amount_msat), 0) FROM postings p JOIN transactions t"
-                " ON t.id = p.tx_id WHERE p.account = ? AND t.kind = 'job'",
-                (account,),
-            )
-            payouts = payout_totals(db, node_id)
+            sent = payouts.totals(db, node_id)
             return {
-                "earned_msat": int(earned[0]) if earned else 0,
+                "earned_msat": book.earned(db, account, "job"),
                 "held_msat": held,
                 "payable_msat": max(0, balance - held),
                 "balance_msat": balance,
-                **payouts,
+                "paid_msat": sent.paid_msat,
+                "pending_msat": sent.pending_msat,
             }
 
         return await self.store.read(read)
@@ -519,7 +476,7 @@ class Billing:
                 log.warning("released %d stale reservations", len(stale))
 
 
-def credit(db: sqlite_utils.Database, key_id: int, amount_msat: int, memo: str, key: str) -> bool:
+def credit(db: Connection, key_id: int, amount_msat: int, memo: str, key: str) -> bool:
     """An operator's credit to a key, from operator equity (audited: kind ``credit``)."""
     if amount_msat <= 0:
         raise ValueError("a credit must be positive")
@@ -534,19 +491,3 @@ def credit(db: sqlite_utils.Database, key_id: int, amount_msat: int, memo: str, 
         memo=memo,
     )
     return tx is not None
-
-
-def payout_totals(db: sqlite_utils.Database, node_id: str) -> dict[str, int]:
-    """Paid and pending payout amounts of a node (the payouts table arrives with Lightning)."""
-    exists = one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'payouts'")
-    if exists is None:
-        return {"paid_msat": 0, "pending_msat": 0}
-    row = one(
-        db,
-        "SELECT COALESCE(SUM(CASE WHEN state = 'paid' THEN amount_msat END), 0),"
-        " COALESCE(SUM(CASE WHEN state = 'pending' THEN amount_msat END), 0)"
-        " FROM payouts WHERE node_id = ?",
-        (node_id,),
-    )
-    assert row is not None
-    return {"paid_msat": int(row[0]), "pending_msat": int(row[1])}

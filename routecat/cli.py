@@ -22,6 +22,9 @@ import attrs
 from routecat import keys as keys_mod
 from routecat.billing import credit
 from routecat.config import Config, load_config
+from routecat.db import nodes as nodes_db
+from routecat.db import payouts as payouts_db
+from routecat.db.keys import ApiKey
 from routecat.errors import ConfigError
 from routecat.logs import setup_logging
 
@@ -176,7 +179,7 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
             if args.sats <= 0:
                 raise LookupError("--sats must be a positive number of sats")
 
-            def give(db: Any) -> keys_mod.ApiKey:
+            def give(db: Any) -> ApiKey:
                 record = keys_mod.find_by_prefix(db, args.prefix)
                 idem = "credit:" + secrets.token_hex(12)
                 credit(db, record.id, args.sats * 1000, f"operator credit to {record.prefix}", idem)
@@ -206,26 +209,22 @@ def cmd_payouts(config: Config, args: argparse.Namespace) -> int:
 
     store = open_store(config)
     try:
-        found, holds = store.read_sync(
-            lambda db: (
-                db.conn.execute("SELECT * FROM payouts ORDER BY id DESC LIMIT 200").fetchall(),
-                db.conn.execute("SELECT * FROM payout_holds ORDER BY updated_at DESC").fetchall(),
-            )
-        )
+        found = store.read_sync(payouts_db.recent)
+        holds = store.read_sync(payouts_db.holds)
     finally:
         store.close()
     for p in found:
         print(
-            f"#{p['id']:<5} {p['state']:8} {p['amount_msat'] // 1000:>10} sats"
-            f"  fee {p['fee_msat']} msat  {p['node_id']} -> {p['address']}  {p['reason']}"
+            f"#{p.id:<5} {p.state:8} {p.amount_msat // 1000:>10} sats"
+            f"  fee {p.fee_msat} msat  {p.node_id} -> {p.address}  {p.reason}"
         )
     if not found:
         print("no payouts yet")
     if holds:
         print("held (not sent; retried automatically):")
     for h in holds:
-        retry = datetime.fromtimestamp(h["next_attempt_at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        print(f"  {h['node_id']}: {h['reason']} ({h['failures']} failures, next try {retry})")
+        retry = datetime.fromtimestamp(h.next_attempt_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"  {h.node_id}: {h.reason} ({h.failures} failures, next try {retry})")
     return 0
 
 
@@ -291,15 +290,8 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
         return 0
     store = open_store(config)
     try:
-
-        def ban(db: Any) -> int:
-            cursor = db.conn.execute(
-                "UPDATE nodes SET banned_at = ?, ban_reason = ? WHERE id = ?",
-                (keys_mod.now_iso(), args.reason, args.node_id),
-            )
-            return int(cursor.rowcount)
-
-        if not store.write_sync(ban):
+        at = keys_mod.now_iso()
+        if not store.write_sync(lambda db: nodes_db.ban_node(db, args.node_id, args.reason, at)):
             raise LookupError(f"no node {args.node_id} has ever connected")
     finally:
         store.close()

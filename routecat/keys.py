@@ -16,9 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import attrs
-import sqlite_utils
 
-from ledger.store import Store, one, rows
+from ledger.store import Connection, Store
+from routecat.db import keys as stored
+from routecat.db.keys import ApiKey
 from routecat.errors import InvalidApiKey, InvalidRequest
 
 ALPHABET = string.ascii_letters + string.digits
@@ -38,26 +39,6 @@ def hash_key(key: str) -> str:
 
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@attrs.frozen
-class ApiKey:
-    id: int
-    prefix: str
-    name: str
-    created_at: str
-    revoked: bool = False
-
-
-def _from_row(row: object) -> ApiKey:
-    r = row  # sqlite3.Row
-    return ApiKey(
-        id=r["id"],  # type: ignore[index]
-        prefix=r["prefix"],  # type: ignore[index]
-        name=r["name"],  # type: ignore[index]
-        created_at=r["created_at"],  # type: ignore[index]
-        revoked=r["revoked_at"] is not None,  # type: ignore[index]
-    )
 
 
 def clean_name(name: str) -> str:
@@ -88,14 +69,8 @@ def parse_bearer(header: str | None) -> str:
     return token
 
 
-def insert_key(db: sqlite_utils.Database, name: str, key: str) -> ApiKey:
-    created = now_iso()
-    cursor = db.conn.execute(
-        "INSERT INTO api_keys (key_hash, prefix, name, created_at) VALUES (?, ?, ?, ?)",
-        (hash_key(key), key[:PREFIX_LENGTH], name, created),
-    )
-    assert cursor.lastrowid is not None
-    return ApiKey(cursor.lastrowid, key[:PREFIX_LENGTH], name, created)
+def insert_key(db: Connection, name: str, key: str) -> ApiKey:
+    return stored.insert_key(db, hash_key(key), key[:PREFIX_LENGTH], name, now_iso())
 
 
 CACHE_TTL = 30.0
@@ -131,12 +106,9 @@ class KeyRing:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
-        row = await self.store.read(
-            lambda db: one(db, "SELECT * FROM api_keys WHERE key_hash = ?", (digest,))
-        )
-        if row is None or row["revoked_at"] is not None:
+        record = await self.store.read(lambda db: stored.key_by_hash(db, digest))
+        if record is None or record.revoked:
             raise InvalidApiKey("unknown or revoked API key")
-        record = _from_row(row)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
         self._cache[digest] = (record, now + CACHE_TTL)
@@ -147,35 +119,25 @@ class KeyRing:
 
 
 def list_keys(store: Store) -> list[ApiKey]:
-    return [
-        _from_row(r)
-        for r in store.read_sync(lambda db: rows(db, "SELECT * FROM api_keys ORDER BY id"))
-    ]
+    return store.read_sync(stored.all_keys)
 
 
-def find_by_prefix(db: sqlite_utils.Database, prefix: str) -> ApiKey:
+def find_by_prefix(db: Connection, prefix: str) -> ApiKey:
     """One key by its displayed prefix (or a longer part of it); ambiguity is refused."""
     if not prefix.startswith("rc_") or len(prefix) < 5:
         raise LookupError("give at least 'rc_' and two more characters of the key's prefix")
-    matches = rows(
-        db,
-        "SELECT * FROM api_keys WHERE prefix LIKE ? ESCAPE '\\' OR ? LIKE prefix || '%'",
-        (prefix.replace("_", "\\_") + "%", prefix),
-    )
+    matches = stored.keys_by_prefix(db, prefix)
     if not matches:
         raise LookupError(f"no key with prefix {prefix}")
     if len(matches) > 1:
         raise LookupError(f"prefix {prefix} is ambiguous ({len(matches)} keys): give more of it")
-    return _from_row(matches[0])
+    return matches[0]
 
 
 def revoke_key(store: Store, prefix: str) -> ApiKey:
-    def revoke(db: sqlite_utils.Database) -> ApiKey:
+    def revoke(db: Connection) -> ApiKey:
         record = find_by_prefix(db, prefix)
-        db.conn.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (now_iso(), record.id),
-        )
+        stored.revoke_key(db, record.id, now_iso())
         return attrs.evolve(record, revoked=True)
 
     return store.write_sync(revoke)
@@ -185,14 +147,11 @@ def rotate_key(store: Store, prefix: str) -> tuple[ApiKey, str]:
     """A new secret for the same key id: balance, quota and history stay."""
     key = mint_key()
 
-    def rotate(db: sqlite_utils.Database) -> ApiKey:
+    def rotate(db: Connection) -> ApiKey:
         record = find_by_prefix(db, prefix)
         if record.revoked:
             raise LookupError(f"key {record.prefix} is revoked")
-        db.conn.execute(
-            "UPDATE api_keys SET key_hash = ?, prefix = ? WHERE id = ?",
-            (hash_key(key), key[:PREFIX_LENGTH], record.id),
-        )
+        stored.set_key_hash(db, record.id, hash_key(key), key[:PREFIX_LENGTH])
         return attrs.evolve(record, prefix=key[:PREFIX_LENGTH])
 
     return store.write_sync(rotate), key

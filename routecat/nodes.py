@@ -25,11 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import sqlite_utils
 import trio
 from quart import websocket
 
-from ledger.store import Store, one, rows
+from ledger.store import Connection, Store
 from owlrun.protocol import (
     MIN_PROTOCOL_VERSION,
     NODE_HEADER,
@@ -55,6 +54,7 @@ from owlrun.protocol import (
     encode,
 )
 from routecat.config import Config
+from routecat.db import nodes as stored
 from routecat.lightning.lnurl import LnurlError, parse_address
 from routecat.metrics import Metrics
 
@@ -247,10 +247,7 @@ class Registry:
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def load(self) -> None:
-        found = await self.store.read(
-            lambda db: rows(db, "SELECT model, last_seen FROM models_seen")
-        )
-        self.model_seen = {r["model"]: float(r["last_seen"]) for r in found}
+        self.model_seen = await self.store.read(stored.models_seen)
 
     def changed(self) -> None:
         """Wake everyone waiting for capacity; the next waiters get a fresh event."""
@@ -301,52 +298,26 @@ class Registry:
         for name in names:
             self.model_seen[name] = now
 
-        def write(db: sqlite_utils.Database) -> None:
-            db.conn.executemany(
-                "INSERT INTO models_seen (model, last_seen) VALUES (?, ?)"
-                " ON CONFLICT(model) DO UPDATE SET last_seen = excluded.last_seen",
-                [(n, now) for n in names],
-            )
-
         if names:
-            await self.store.write(write)
+            await self.store.write(lambda db: stored.remember_models(db, names, now))
 
     async def authenticate(self, hello: Hello, secret: str) -> str | None:
         """None if the node may connect, else the reason it may not. A new id is
         registered with its secret's hash; a known id must present the same secret."""
         digest = hash_secret(secret)
 
-        def check(db: sqlite_utils.Database) -> str | None:
-            row = one(
-                db,
-                "SELECT secret_hash, banned_at, ban_reason FROM nodes WHERE id = ?",
-                (hello.node_id,),
-            )
+        def check(db: Connection) -> str | None:
+            known = stored.node(db, hello.node_id)
             now = now_iso()
-            if row is None:
-                db.conn.execute(
-                    "INSERT INTO nodes (id, secret_hash, name, payout_address,"
-                    " payout_threshold_sats, created_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        hello.node_id,
-                        digest,
-                        hello.name,
-                        hello.payout_address,
-                        hello.payout_threshold_sats,
-                        now,
-                        now,
-                    ),
-                )
+            settings = (hello.name, hello.payout_address, hello.payout_threshold_sats, now)
+            if known is None:
+                stored.insert_node(db, hello.node_id, digest, *settings)
                 return None
-            if not hmac.compare_digest(row["secret_hash"], digest):
+            if not hmac.compare_digest(known.secret_hash, digest):
                 return "wrong secret for this node id"
-            if row["banned_at"] is not None:
-                return f"node is banned: {row['ban_reason'] or 'no reason given'}"
-            db.conn.execute(
-                "UPDATE nodes SET name = ?, payout_address = ?, payout_threshold_sats = ?,"
-                " last_seen_at = ? WHERE id = ?",
-                (hello.name, hello.payout_address, hello.payout_threshold_sats, now, hello.node_id),
-            )
+            if known.banned_at is not None:
+                return f"node is banned: {known.ban_reason or 'no reason given'}"
+            stored.update_node(db, hello.node_id, *settings)
             return None
 
         return await self.store.write(check)

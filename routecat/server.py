@@ -20,12 +20,11 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from ledger import book
 from ledger.store import Store
-from routecat import tables
 from routecat.admin import create_admin_app, prepare_socket, secure_socket, socket_path
 from routecat.app import create_app
 from routecat.config import Config
+from routecat.db import schema
 from routecat.gateway import Gateway
 
 log = logging.getLogger("routecat")
@@ -34,10 +33,7 @@ Service = Callable[..., Awaitable[Any]]
 
 
 def open_store(config: Config) -> Store:
-    store = Store.open(config.database)
-    store.migrate(book.COMPONENT, book.MIGRATIONS)
-    store.migrate(tables.COMPONENT, tables.MIGRATIONS)
-    return store
+    return schema.open_store(config.database)
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:

@@ -17,15 +17,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import segno
 from markupsafe import Markup
 from quart import Blueprint, Response, render_template, request
 
 from ledger import book
-from ledger.store import rows
 from routecat import errors
 from routecat.app import audit_page, gw_stats, model_list, remote_ip
-from routecat.billing import payout_totals
+from routecat.db import jobs as jobs_db
+from routecat.db import nodes as nodes_db
+from routecat.db import payouts as payouts_db
 from routecat.gateway import Gateway
 from routecat.nodes import hash_secret
 
@@ -64,23 +66,16 @@ def series(
     db: Any, since: datetime, buckets: int, hours_per_bucket: int
 ) -> tuple[list[int], list[int], list[str]]:
     width = 13 if hours_per_bucket == 1 else 10  # "YYYY-MM-DDTHH" or "YYYY-MM-DD"
-    found = {
-        r[0]: (int(r[1]), int(r[2]))
-        for r in db.conn.execute(
-            f"SELECT substr(finished_at, 1, {width}) AS b, COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0)"
-            " FROM jobs WHERE finished_at >= ? GROUP BY b",
-            (since.strftime("%Y-%m-%dT%H:%M:%S"),),
-        )
-    }
+    found = jobs_db.activity_by_bucket(db, since.strftime("%Y-%m-%dT%H:%M:%S"), width)
     jobs, tokens, labels = [], [], []
     for i in range(buckets):
         moment = since + timedelta(hours=hours_per_bucket * (i + 1))
         key = (
             moment.strftime("%Y-%m-%dT%H") if hours_per_bucket == 1 else moment.strftime("%Y-%m-%d")
         )
-        j, t = found.get(key, (0, 0))
-        jobs.append(j)
-        tokens.append(t)
+        bucket = found.get(key, jobs_db.Activity(0, 0))
+        jobs.append(bucket.jobs)
+        tokens.append(bucket.tokens)
         labels.append(
             moment.strftime("%H:00") if hours_per_bucket == 1 else moment.strftime("%b %d")
         )
@@ -88,48 +83,37 @@ def series(
 
 
 def node_summary(db: Any, node_id: str, now: float) -> dict[str, Any] | None:
-    node = db.conn.execute(
-        "SELECT id, name, created_at, last_seen_at FROM nodes WHERE id = ?", (node_id,)
-    ).fetchone()
+    node = nodes_db.node(db, node_id)
     if node is None:
         return None
     account = book.provider_account(node_id)
     balance, _ = book.balance(db, account)
     held = book.held(db, account, now)
-    totals = db.conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0),"
-        " COALESCE(SUM(provider_msat), 0) FROM jobs WHERE node_id = ?",
-        (node_id,),
-    ).fetchone()
-    payouts = rows(
-        db,
-        "SELECT id, amount_msat, fee_msat, state, created_at FROM payouts WHERE node_id = ?"
-        " ORDER BY id DESC LIMIT 50",
-        (node_id,),
-    )
+    totals = jobs_db.node_totals(db, node_id)
+    payouts = payouts_db.recent(db, 50, node_id)
     # The totals over every payout (the list below shows only the latest 50).
-    sums = payout_totals(db, node_id)
-    paid, pending = sums["paid_msat"], sums["pending_msat"]
+    sums = payouts_db.totals(db, node_id)
+    paid, pending = sums.paid_msat, sums.pending_msat
     return {
-        "id": node["id"],
-        "name": node["name"],
-        "since": node["created_at"][:10],
-        "last_seen": node["last_seen_at"][:19].replace("T", " "),
-        "jobs": int(totals[0]),
-        "tokens_in": int(totals[1]),
-        "tokens_out": int(totals[2]),
-        "earned_sats": int(totals[3]) // 1000,
+        "id": node.id,
+        "name": node.name,
+        "since": node.created_at[:10],
+        "last_seen": node.last_seen_at[:19].replace("T", " "),
+        "jobs": totals.jobs,
+        "tokens_in": totals.tokens_in,
+        "tokens_out": totals.tokens_out,
+        "earned_sats": totals.provider_msat // 1000,
         "held_sats": held // 1000,
         "payable_sats": max(0, balance - held) // 1000,
         "paid_sats": paid // 1000,
         "pending_sats": pending // 1000,
         "payouts": [
             {
-                "id": p["id"],
-                "sats": p["amount_msat"] // 1000,
-                "fee_msat": p["fee_msat"],
-                "state": p["state"],
-                "when": datetime.fromtimestamp(p["created_at"], UTC).strftime("%Y-%m-%d %H:%M"),
+                "id": p.id,
+                "sats": p.amount_msat // 1000,
+                "fee_msat": p.fee_msat,
+                "state": p.state,
+                "when": datetime.fromtimestamp(p.created_at, UTC).strftime("%Y-%m-%d %H:%M"),
             }
             for p in payouts
         ],
@@ -195,7 +179,7 @@ def create_web(gw: Gateway) -> Blueprint:
         raw = request.args.get("page", "1")
         current = int(raw) if raw.isdigit() and int(raw) >= 1 else 1
         per_page = 25
-        jobs, total = await gw.store.read(lambda db: audit_page(db, current, per_page))
+        jobs, total = await audit_page(gw, current, per_page)
         pages = max(1, -(-total // per_page))
         return await page("audit.html", jobs=jobs, total=total, page=current, pages=pages)
 
@@ -209,24 +193,12 @@ def create_web(gw: Gateway) -> Blueprint:
             form = await request.form
             node_id = str(form.get("node", "")).strip()
             secret = str(form.get("secret", ""))
-            expected = await gw.store.read(
-                lambda db: db.conn.execute(
-                    "SELECT secret_hash FROM nodes WHERE id = ?", (node_id,)
-                ).fetchone()
-            )
-            if expected is not None and hmac.compare_digest(expected[0], hash_secret(secret)):
-                history = await gw.store.read(
-                    lambda db: [
-                        dict(r)
-                        for r in rows(
-                            db,
-                            "SELECT id, model, tokens_in, tokens_out, duration_ms, provider_msat,"
-                            " free, finished_at FROM jobs WHERE node_id = ?"
-                            " ORDER BY finished_at DESC LIMIT 200",
-                            (node_id,),
-                        )
-                    ]
-                )
+            known = await gw.store.read(lambda db: nodes_db.node(db, node_id))
+            if known is not None and hmac.compare_digest(known.secret_hash, hash_secret(secret)):
+                history = [
+                    attrs.asdict(job)
+                    for job in await gw.store.read(lambda db: jobs_db.node_jobs(db, node_id, 200))
+                ]
             else:
                 denied = True
         summary = None

@@ -229,7 +229,7 @@ async def fund(gateway: Running, key: str, sats: int) -> None:
     from routecat.keys import hash_key
 
     def write(db: Any) -> None:
-        key_id = db.conn.execute(
+        key_id = db.execute(
             "SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)
         ).fetchone()[0]
         credit(db, key_id, sats * 1000, "test funding", "test:" + secrets.token_hex(8))

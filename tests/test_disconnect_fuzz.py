@@ -134,15 +134,15 @@ async def test_clients_vanishing_at_random_moments(nursery: trio.Nursery, tmp_pa
         def read(db: Any) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for plan in plans:
-                key_id = db.conn.execute(
+                key_id = db.execute(
                     "SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(plan.key),)
                 ).fetchone()[0]
-                jobs = db.conn.execute(
+                jobs = db.execute(
                     "SELECT outcome, tokens_in, tokens_out, cost_msat, free FROM jobs"
                     " WHERE key_id = ?",
                     (key_id,),
                 ).fetchall()
-                used = db.conn.execute(
+                used = db.execute(
                     "SELECT COALESCE(SUM(used), 0) FROM free_usage WHERE key_id = ?", (key_id,)
                 ).fetchone()[0]
                 out[plan.key] = (
@@ -150,11 +150,10 @@ async def test_clients_vanishing_at_random_moments(nursery: trio.Nursery, tmp_pa
                     book.balance(db, book.user_account(key_id))[0],
                     used,
                 )
-            out["reservations"] = db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+            out["reservations"] = db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
             out["check"] = book.check(db)
             out["all_free"] = [
-                tuple(r)
-                for r in db.conn.execute("SELECT * FROM free_usage WHERE used != 1").fetchall()
+                tuple(r) for r in db.execute("SELECT * FROM free_usage WHERE used != 1").fetchall()
             ]
             return out
 

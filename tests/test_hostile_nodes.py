@@ -252,7 +252,7 @@ def render(kind: str, target: str, fields: dict[str, Any], job_id: str) -> str |
 def money(gw: Gateway) -> Any:
     async def read() -> dict[str, Any]:
         def snapshot(db: Any) -> dict[str, Any]:
-            free_cost = db.conn.execute(
+            free_cost = db.execute(
                 "SELECT COALESCE(SUM(cost_msat), 0) FROM jobs WHERE free = 1"
             ).fetchone()[0]
             return {
@@ -261,7 +261,7 @@ def money(gw: Gateway) -> Any:
                 "free": book.balance(db, "user:2")[0],
                 "subsidy": book.balance(db, book.SUBSIDY)[0],
                 "free_cost": int(free_cost),
-                "reservations": db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0],
+                "reservations": db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0],
                 "jobs": len(gw.scheduler.jobs),
             }
 

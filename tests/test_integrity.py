@@ -33,7 +33,7 @@ from tests.test_network import MODEL, chat, read_sse, text_of, wait_for
 
 
 async def count(net: Any, sql: str, *params: Any) -> Any:
-    return await net.gateway.gw.store.read(lambda db: db.conn.execute(sql, params).fetchone()[0])
+    return await net.gateway.gw.store.read(lambda db: db.execute(sql, params).fetchone()[0])
 
 
 async def ask_rogue(net: Any, rogue: Any, answer: str, usage: Any) -> httpx.Response:
@@ -203,7 +203,7 @@ async def test_stored_bad_address_cannot_stop_the_gateway(tmp_path: Path) -> Non
         store = Store.open(config.database)
 
         def plant(db: Any) -> None:
-            db.conn.execute(
+            db.execute(
                 "INSERT INTO nodes (id, secret_hash, payout_address, created_at, last_seen_at)"
                 " VALUES ('old_node', 'x', 'x@example.com:99999', '', '')"
             )
@@ -235,7 +235,7 @@ async def test_stored_bad_address_cannot_stop_the_gateway(tmp_path: Path) -> Non
                 assert (await c.get("/healthz")).status_code == 200
                 assert (await c.post("/v1/auth/register", json={"name": "x"})).status_code == 200
             (hold,) = await gw.payouts.holds()
-            assert hold["node_id"] == "old_node" and "no port" in hold["reason"]
+            assert hold.node_id == "old_node" and "no port" in hold.reason
             out = await trio.run_process(
                 [
                     sys.executable,
@@ -366,7 +366,7 @@ async def test_client_gone_before_response_start_is_cancelled(
         assert net.engine.finished == 0  # nothing ran to completion on the engine
         # Billed by the rules: nothing beyond the prompt and what was delivered.
         rows = await net.gateway.gw.store.read(
-            lambda db: db.conn.execute("SELECT outcome, tokens_out FROM jobs").fetchall()
+            lambda db: db.execute("SELECT outcome, tokens_out FROM jobs").fetchall()
         )
         assert all(r["outcome"] == "client_gone" for r in rows)
         assert sum(r["tokens_out"] for r in rows) < 40 * 20
@@ -401,9 +401,7 @@ async def test_cancelled_write_never_commits(tmp_path: Path) -> None:
         )
     assert store.read_sync(lambda db: book.balance(db, "user:1")) == (1, 0)
     assert (
-        store.read_sync(
-            lambda db: db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
-        )
+        store.read_sync(lambda db: db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0])
         == 0
     )
     store.close()
@@ -616,7 +614,7 @@ async def test_slow_reading_client_does_not_blame_the_node(
         assert net.engine.finished == 0
         node = gw.registry.nodes[net.nodes[0].id]
         assert node.cooldown_until == 0 and node.failures == 0
-        row = await gw.store.read(lambda db: db.conn.execute("SELECT * FROM jobs").fetchone())
+        row = await gw.store.read(lambda db: db.execute("SELECT * FROM jobs").fetchone())
         assert row["outcome"] == "client_gone" and row["tokens_out"] > 0
         await stream.aclose()
         async with net.client() as c:  # the node still serves
@@ -636,7 +634,7 @@ async def test_client_leaving_after_dispatch_pays_the_prompt(
             with pytest.raises(httpx.ReadTimeout):
                 await c.post("/v1/chat/completions", json=chat(text), timeout=0.5)
         await wait_for(lambda: not gw.scheduler.jobs)
-        row = await gw.store.read(lambda db: db.conn.execute("SELECT * FROM jobs").fetchone())
+        row = await gw.store.read(lambda db: db.execute("SELECT * FROM jobs").fetchone())
         assert row["outcome"] == "client_gone"
         assert row["tokens_in"] > 0 and row["tokens_out"] == 0 and row["cost_msat"] > 0
         assert (await balance(net))["free_remaining"] == 9  # the free request was used
@@ -817,9 +815,7 @@ async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
     assert store.read_sync(lambda db: book.balance(db, book.ROUTING_FEES))[0] == -1500
     assert store.read_sync(lambda db: book.balance(db, book.OPERATOR_FEE))[0] == 0
     assert store.read_sync(lambda db: book.balance(db, book.LIGHTNING_OUT))[0] == 101_500
-    held = store.read_sync(
-        lambda db: db.conn.execute("SELECT COUNT(*) FROM payout_holds").fetchone()[0]
-    )
+    held = store.read_sync(lambda db: db.execute("SELECT COUNT(*) FROM payout_holds").fetchone()[0])
     assert held == 0
     assert store.read_sync(book.check).ok
     store.close()
@@ -857,7 +853,7 @@ async def test_topup_expires_only_on_the_backends_word_and_late_payment_counts(
     clock = [1000.0]
     topups = Topups(store, config, backend, wall=lambda: clock[0])  # type: ignore[arg-type]
     store.write_sync(
-        lambda db: db.conn.execute(
+        lambda db: db.execute(
             "INSERT INTO topups (payment_hash, key_id, amount_msat, bolt11, backend, created_at,"
             " expires_at) VALUES (?, 1, 50000, 'lnbc', 'stub', 400, 1000)",
             ("ab" * 32,),
@@ -865,7 +861,7 @@ async def test_topup_expires_only_on_the_backends_word_and_late_payment_counts(
     )
 
     def state() -> str:
-        row = store.read_sync(lambda db: db.conn.execute("SELECT state FROM topups").fetchone())
+        row = store.read_sync(lambda db: db.execute("SELECT state FROM topups").fetchone())
         return str(row[0])
 
     clock[0] = 1000 + EXPIRED_GRACE - 1  # past expiry by our clock, within the grace
@@ -913,9 +909,9 @@ async def test_routing_fee_over_the_cap_is_flagged(
             await gw.payouts.cycle()
         finally:
             gw.payouts.backend = backend
-        assert [p["state"] for p in await gw.payouts.list()] == ["paid"]
+        assert [p.state for p in await gw.payouts.list()] == ["paid"]
         assert any("exceeded the cap" in r.getMessage() for r in caplog.records)
-        fee = (await gw.payouts.list())[0]["fee_msat"]
+        fee = (await gw.payouts.list())[0].fee_msat
         routing = await gw.store.read(lambda db: book.balance(db, book.ROUTING_FEES))
         assert routing[0] == -fee and fee > 10_000
         await ledger_ok(net)
@@ -967,12 +963,12 @@ def test_provider_totals_count_every_payout(tmp_path: Path) -> None:
     store = open_store(_config(tmp_path))
 
     def seed(db: Any) -> None:
-        db.conn.execute(
+        db.execute(
             "INSERT INTO nodes (id, secret_hash, created_at, last_seen_at)"
             " VALUES ('n', 'x', '2026-01-01', '2026-01-01')"
         )
         for i in range(60):
-            db.conn.execute(
+            db.execute(
                 "INSERT INTO payouts (node_id, address, amount_msat, state, created_at,"
                 " updated_at) VALUES ('n', 'n@x.example', 1000000, ?, ?, ?)",
                 ("pending" if i == 59 else "paid", float(i), float(i)),

@@ -124,7 +124,7 @@ def test_random_operations_keep_every_invariant(
     # No reservation outlives its job.
     store.write_sync(lambda db: book.sweep_reservations(db, float("inf")))
     left = store.read_sync(
-        lambda db: db.conn.execute(
+        lambda db: db.execute(
             "SELECT COUNT(*), COALESCE(SUM(reserved_msat), 0) FROM reservations, accounts"
         ).fetchone()
     )

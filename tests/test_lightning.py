@@ -209,7 +209,7 @@ async def test_payout_reaches_lightning_address_once(nursery: trio.Nursery, tmp_
         assert asked == earned["payable_msat"] // 1000 * 1000
         assert bolt11.decode(pr).amount_msat == asked
         payouts = await gw.payouts.list()
-        assert [p["state"] for p in payouts] == ["paid"]
+        assert [p.state for p in payouts] == ["paid"]
         after = await gw.billing.earnings(node_id)
         assert after["payable_msat"] == earned["payable_msat"] % 1000
         assert after["paid_msat"] == asked
@@ -274,15 +274,15 @@ async def test_hostile_lnurl_servers_get_nothing(
         # The payout is held with its reason, counted, and retried later; the worker and
         # the gateway go on.
         (hold,) = await gw.payouts.holds()
-        assert hold["node_id"] == net.nodes[0].id and message in hold["reason"]
-        assert hold["next_attempt_at"] > gw.payouts.wall()
+        assert hold.node_id == net.nodes[0].id and message in hold.reason
+        assert hold.next_attempt_at > gw.payouts.wall()
         async with net.gateway.client() as c:
             assert (await c.get("/healthz")).status_code == 200
             metrics = (await c.get("/metrics")).text
         assert 'routecat_payout_failures_total{stage="resolve"} 1.0' in metrics
         await gw.payouts.cycle()  # in backoff: not tried again at once
         assert len(await gw.payouts.holds()) == 1
-        assert (await gw.payouts.holds())[0]["failures"] == 1
+        assert (await gw.payouts.holds())[0].failures == 1
         await ledger_ok(net)
 
 
@@ -312,13 +312,13 @@ async def test_ambiguous_payment_is_reconciled_not_repeated(
         gw.payouts.backend = flaky
         await gw.payouts.cycle()
         payouts = await gw.payouts.list()
-        assert [p["state"] for p in payouts] == ["pending"]
+        assert [p.state for p in payouts] == ["pending"]
         earnings = await gw.billing.earnings(net.nodes[0].id)
-        assert earnings["pending_msat"] == payouts[0]["amount_msat"]
+        assert earnings["pending_msat"] == payouts[0].amount_msat
         # Later cycles reconcile by payment hash: paid, and never paid a second time.
         await gw.payouts.cycle()
         await gw.payouts.cycle()
-        assert [p["state"] for p in await gw.payouts.list()] == ["paid"]
+        assert [p.state for p in await gw.payouts.list()] == ["paid"]
         assert flaky.pays == 1
         assert len(lnurl.invoices) == 1
         await ledger_ok(net)

@@ -171,7 +171,7 @@ async def test_settlement_races_settle_once(nursery: trio.Nursery, tmp_path: Pat
         job_id = r.json()["id"]
         billing = net.gateway.gw.billing
         original = await net.gateway.gw.store.read(
-            lambda db: db.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            lambda db: db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         )
         before = await balance(net)
         # Replay the same job's settlement as a disconnect and a node failure would, at once.
@@ -356,7 +356,7 @@ async def test_subsidy_budget_stops_self_dealing(nursery: trio.Nursery, tmp_path
                     refused += 1
         assert served >= 1 and refused >= 1
         spent = await gw.store.read(
-            lambda db: db.conn.execute("SELECT SUM(spent_msat) FROM subsidy_days").fetchone()[0]
+            lambda db: db.execute("SELECT SUM(spent_msat) FROM subsidy_days").fetchone()[0]
         )
         assert spent <= 100_000
         node = net.nodes[0].id
@@ -495,7 +495,7 @@ async def test_operator_cli_credit_check_history(nursery: trio.Nursery, tmp_path
         assert "credit" in out.stdout and "job" in out.stdout and "250000" in out.stdout
         # Tamper with a cached balance: the check must notice.
         await net.gateway.gw.store.write(
-            lambda db: db.conn.execute(
+            lambda db: db.execute(
                 "UPDATE accounts SET balance_msat = balance_msat + 1 WHERE id = 'user:1'"
             )
         )
@@ -633,14 +633,14 @@ async def test_client_leaving_while_queued_gets_everything_back(
                 await c.post("/v1/chat/completions", json=chat("gives up"), timeout=0.4)
             await trio.sleep(0.3)
             reservations = await gw.store.read(
-                lambda db: db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+                lambda db: db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
             )
             assert reservations == 1  # only the running job's
             assert (await balance(net))["free_remaining"] == 9  # the queued request gave its back
         await wait_for(lambda: not gw.scheduler.jobs)
         assert (
             await gw.store.read(
-                lambda db: db.conn.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+                lambda db: db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
             )
         ) == 0
         await ledger_ok(net)

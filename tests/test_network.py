@@ -237,7 +237,7 @@ async def test_client_disconnect_aborts_engine(nursery: trio.Nursery, tmp_path: 
         await wait_for(lambda: net.settled, timeout=3)
         assert list(net.settled.values()) == [1]
         result_outcomes = await net.gateway.gw.store.read(
-            lambda db: [r[0] for r in db.conn.execute("SELECT outcome FROM jobs")]
+            lambda db: [r[0] for r in db.execute("SELECT outcome FROM jobs")]
         )
         assert result_outcomes == ["client_gone"]
 
@@ -308,8 +308,7 @@ async def test_engine_crash_mid_stream_and_non_stream(
             assert_error(r2, 502, "upstream_error")
             rows = await net.gateway.gw.store.read(
                 lambda db: [
-                    tuple(r)
-                    for r in db.conn.execute("SELECT stream, outcome FROM jobs ORDER BY stream")
+                    tuple(r) for r in db.execute("SELECT stream, outcome FROM jobs ORDER BY stream")
                 ]
             )
             # The streamed failure delivered tokens and is recorded; the non-stream one billed nothing.
@@ -383,7 +382,7 @@ async def test_wrong_secret_for_known_id_is_refused(nursery: trio.Nursery, tmp_p
             owner.node_id
         ].agent_version  # the owner is still online
         row = await net.gateway.gw.store.read(
-            lambda db: db.conn.execute("SELECT payout_address, secret_hash FROM nodes").fetchone()
+            lambda db: db.execute("SELECT payout_address, secret_hash FROM nodes").fetchone()
         )
         assert row["payout_address"] == ""
         assert owner.secret not in row["secret_hash"]

@@ -88,7 +88,7 @@ async def test_owlrun_sigterm_finishes_in_flight_job(nursery: trio.Nursery, tmp_
             saved = json.loads(identity.read_text())
             assert saved["node_id"] in net.gateway.gw.registry.nodes
             rows = await net.gateway.gw.store.read(
-                lambda db: db.conn.execute("SELECT secret_hash FROM nodes").fetchall()
+                lambda db: db.execute("SELECT secret_hash FROM nodes").fetchall()
             )
             assert saved["secret"] not in rows[0][0]
             async with net.client() as c:

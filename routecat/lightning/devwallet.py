@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import attrs
 import bolt11
-import sqlite_utils
 from bolt11.models.tags import TagChar, Tags
 from coincurve import PrivateKey
 
-from ledger.store import Store, one
+from ledger.store import Connection, Store
+from routecat.db import devwallet as stored
 from routecat.lightning.backend import (
     Invoice,
     InvoiceRejected,
@@ -59,30 +59,20 @@ class DevWallet:
         pr = bolt11.encode(invoice, self._key.secret.hex())
         expires_at = int(now) + expiry
 
-        def write(db: sqlite_utils.Database) -> None:
-            db.conn.execute(
-                "INSERT INTO devwallet_invoices (payment_hash, bolt11, amount_msat, memo,"
-                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (payment_hash, pr, amount_msat, memo, now, expires_at),
+        await self.store.write(
+            lambda db: stored.insert_invoice(
+                db, payment_hash, pr, amount_msat, memo, now, expires_at
             )
-
-        await self.store.write(write)
+        )
         return Invoice(payment_hash, pr, amount_msat, expires_at)
 
     async def invoice_status(self, payment_hash: str) -> InvoiceStatus:
-        row = await self.store.read(
-            lambda db: one(
-                db,
-                "SELECT amount_msat, expires_at, paid_at FROM devwallet_invoices"
-                " WHERE payment_hash = ?",
-                (payment_hash,),
-            )
-        )
-        if row is None:
+        found = await self.store.read(lambda db: stored.invoice(db, payment_hash))
+        if found is None:
             raise LightningError(f"the dev wallet has no invoice {payment_hash}")
-        if row["paid_at"] is not None:
-            return InvoiceStatus("paid", int(row["amount_msat"]))
-        if row["expires_at"] <= self.wall():
+        if found.paid_at is not None:
+            return InvoiceStatus("paid", found.amount_msat)
+        if found.expires_at <= self.wall():
             return InvoiceStatus("expired")
         return InvoiceStatus("pending")
 
@@ -94,23 +84,15 @@ class DevWallet:
             raise InvoiceRejected("not a valid BOLT11 invoice") from None
         now = self.wall()
 
-        def write(db: sqlite_utils.Database) -> str:
-            row = one(
-                db,
-                "SELECT amount_msat, expires_at, paid_at FROM devwallet_invoices"
-                " WHERE payment_hash = ?",
-                (decoded.payment_hash,),
-            )
-            if row is None:
+        def write(db: Connection) -> str:
+            found = stored.invoice(db, decoded.payment_hash)
+            if found is None:
                 raise InvoiceRejected("this invoice was not issued by this gateway's dev wallet")
-            if row["paid_at"] is not None:
+            if found.paid_at is not None:
                 raise InvoiceRejected("this invoice is already paid")
-            if row["expires_at"] <= now:
+            if found.expires_at <= now:
                 raise InvoiceRejected("this invoice has expired")
-            db.conn.execute(
-                "UPDATE devwallet_invoices SET paid_at = ? WHERE payment_hash = ?",
-                (now, decoded.payment_hash),
-            )
+            stored.mark_invoice_paid(db, decoded.payment_hash, now)
             return str(decoded.payment_hash)
 
         return await self.store.write(write)
@@ -124,50 +106,26 @@ class DevWallet:
             return Payment("failed", payment_hash, reason="insufficient balance in the dev wallet")
         now = self.wall()
 
-        def write(db: sqlite_utils.Database) -> Payment:
-            existing = one(
-                db, "SELECT state FROM devwallet_payments WHERE payment_hash = ?", (payment_hash,)
-            )
-            if existing is not None:
+        def write(db: Connection) -> Payment:
+            if stored.payment(db, payment_hash) is not None:
                 return Payment("failed", payment_hash, reason="invoice already paid")
-            db.conn.execute(
-                "INSERT INTO devwallet_payments (payment_hash, bolt11, amount_msat, fee_msat,"
-                " state, created_at) VALUES (?, ?, ?, 0, 'paid', ?)",
-                (payment_hash, pr, amount, now),
-            )
+            stored.insert_payment(db, payment_hash, pr, amount, now)
             # Our own invoice: settle it too (an internal transfer).
-            db.conn.execute(
-                "UPDATE devwallet_invoices SET paid_at = ? WHERE payment_hash = ? AND paid_at IS NULL",
-                (now, payment_hash),
-            )
+            stored.mark_invoice_paid(db, payment_hash, now)
             return Payment("paid", payment_hash, fee_msat=0)
 
         return await self.store.write(write)
 
     async def payment_status(self, payment_hash: str) -> Payment:
-        row = await self.store.read(
-            lambda db: one(
-                db,
-                "SELECT state, fee_msat FROM devwallet_payments WHERE payment_hash = ?",
-                (payment_hash,),
-            )
-        )
-        if row is None:
+        found = await self.store.read(lambda db: stored.payment(db, payment_hash))
+        if found is None:
             return Payment("failed", payment_hash, reason="no such payment")
-        return Payment(row["state"], payment_hash, fee_msat=int(row["fee_msat"]))
+        return Payment(
+            "paid" if found.state == "paid" else "failed", payment_hash, fee_msat=found.fee_msat
+        )
 
     async def balance_msat(self) -> int:
-        def read(db: sqlite_utils.Database) -> int:
-            received = db.conn.execute(
-                "SELECT COALESCE(SUM(amount_msat), 0) FROM devwallet_invoices WHERE paid_at IS NOT NULL"
-            ).fetchone()[0]
-            paid = db.conn.execute(
-                "SELECT COALESCE(SUM(amount_msat + fee_msat), 0) FROM devwallet_payments"
-                " WHERE state = 'paid'"
-            ).fetchone()[0]
-            return int(received) - int(paid)
-
-        return await self.store.read(read)
+        return await self.store.read(stored.balance_msat)
 
     async def close(self) -> None:
         return None

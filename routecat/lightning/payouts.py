@@ -23,16 +23,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import bolt11
-import sqlite_utils
 import trio
 
 from ledger import book
-from ledger.store import Store, one, rows
+from ledger.store import Connection, Store
 from routecat.config import Config
+from routecat.db import nodes
+from routecat.db import payouts as stored
+from routecat.db.payouts import PayoutHold, PayoutRecord
 from routecat.lightning.backend import Backend, InvoiceRejected, LightningError, Payment
 from routecat.lightning.lnurl import LnurlError, Resolver
 from routecat.metrics import Metrics
@@ -47,7 +48,7 @@ def fee_cap_msat(amount_msat: int) -> int:
     return max(10_000, amount_msat // 100)
 
 
-def payable_msat(db: sqlite_utils.Database, node_id: str, now: float) -> int:
+def payable_msat(db: Connection, node_id: str, now: float) -> int:
     account = book.provider_account(node_id)
     balance, _ = book.balance(db, account)
     return max(0, balance - book.held(db, account, now))
@@ -60,21 +61,15 @@ class Due:
     amount_msat: int
 
 
-def start_payout(
-    db: sqlite_utils.Database, due: Due, payment_hash: str, pr: str, now: float
-) -> int | None:
+def start_payout(db: Connection, due: Due, payment_hash: str, pr: str, now: float) -> int | None:
     """Record the payout and move its amount in flight; None if it no longer fits."""
     if payable_msat(db, due.node_id, now) < due.amount_msat:
         return None
-    if one(db, "SELECT 1 FROM payouts WHERE node_id = ? AND state = 'pending'", (due.node_id,)):
+    if stored.has_pending(db, due.node_id):
         return None
-    cursor = db.conn.execute(
-        "INSERT INTO payouts (node_id, address, amount_msat, payment_hash, bolt11, state,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-        (due.node_id, due.address, due.amount_msat, payment_hash, pr, now, now),
+    payout_id = stored.insert_pending(
+        db, due.node_id, due.address, due.amount_msat, payment_hash, pr, now
     )
-    payout_id = cursor.lastrowid
-    assert payout_id is not None
     book.post(
         db,
         f"payout:{payout_id}:start",
@@ -88,16 +83,12 @@ def start_payout(
     return payout_id
 
 
-def clear_hold(db: sqlite_utils.Database, node_id: str) -> None:
-    db.conn.execute("DELETE FROM payout_holds WHERE node_id = ?", (node_id,))
-
-
-def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, now: float) -> str:
+def finish_payout(db: Connection, payout_id: int, payment: Payment, now: float) -> str:
     """Settle a pending payout on a definite answer; idempotent."""
-    row = one(db, "SELECT node_id, amount_msat, state FROM payouts WHERE id = ?", (payout_id,))
-    if row is None or row["state"] != "pending":
+    found = stored.payout(db, payout_id)
+    if found is None or found.state != "pending":
         return "unchanged"
-    amount = int(row["amount_msat"])
+    amount = found.amount_msat
     if payment.state == "paid":
         fee = max(0, payment.fee_msat)
         book.post(
@@ -111,11 +102,8 @@ def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, n
             ],
             memo=f"payout {payout_id} paid, routing fee {fee} msat",
         )
-        db.conn.execute(
-            "UPDATE payouts SET state = 'paid', fee_msat = ?, updated_at = ? WHERE id = ?",
-            (fee, now, payout_id),
-        )
-        clear_hold(db, row["node_id"])  # however it was learned (at once or reconciled)
+        stored.mark_paid(db, payout_id, fee, now)
+        stored.clear_hold(db, found.node_id)  # however it was learned (at once or reconciled)
         return "paid"
     if payment.state == "failed":
         book.post(
@@ -124,30 +112,21 @@ def finish_payout(db: sqlite_utils.Database, payout_id: int, payment: Payment, n
             "payout",
             [
                 book.Posting(book.PAYOUTS_IN_FLIGHT, -amount),
-                book.Posting(book.provider_account(row["node_id"]), amount),
+                book.Posting(book.provider_account(found.node_id), amount),
             ],
             memo=f"payout {payout_id} failed: {payment.reason[:100]}",
         )
-        db.conn.execute(
-            "UPDATE payouts SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
-            (payment.reason[:300], now, payout_id),
-        )
+        stored.mark_failed(db, payout_id, payment.reason[:300], now)
         return "failed"
     return "unchanged"
 
 
-def hold_payout(db: sqlite_utils.Database, node_id: str, reason: str, now: float) -> float:
+def hold_payout(db: Connection, node_id: str, reason: str, now: float) -> float:
     """Record why a provider's payout is held; returns when it will be tried again."""
-    row = one(db, "SELECT failures FROM payout_holds WHERE node_id = ?", (node_id,))
-    failures = 1 + (int(row[0]) if row else 0)
+    earlier = stored.hold(db, node_id)
+    failures = 1 + (earlier.failures if earlier else 0)
     retry_at: float = now + min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(failures - 1, 20))
-    db.conn.execute(
-        "INSERT INTO payout_holds (node_id, reason, failures, next_attempt_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET reason = excluded.reason,"
-        " failures = excluded.failures, next_attempt_at = excluded.next_attempt_at,"
-        " updated_at = excluded.updated_at",
-        (node_id, reason[:300], failures, retry_at, now),
-    )
+    stored.put_hold(db, PayoutHold(node_id, reason[:300], failures, retry_at, now))
     return retry_at
 
 
@@ -170,44 +149,30 @@ class Payouts:
     async def due(self) -> list[Due]:
         now = self.wall()
 
-        def read(db: sqlite_utils.Database) -> list[Due]:
+        def read(db: Connection) -> list[Due]:
             out = []
-            for node in rows(
-                db,
-                "SELECT id, payout_address, payout_threshold_sats FROM nodes"
-                " WHERE payout_address != '' AND banned_at IS NULL",
-            ):
-                threshold = self.config.payout_threshold(node["payout_threshold_sats"])
-                payable = payable_msat(db, node["id"], now)
+            for node in nodes.payout_targets(db):
+                threshold = self.config.payout_threshold(node.payout_threshold_sats)
+                payable = payable_msat(db, node.id, now)
                 amount = payable // 1000 * 1000
-                if amount < threshold * 1000:
+                if amount < threshold * 1000 or stored.has_pending(db, node.id):
                     continue
-                if one(
-                    db,
-                    "SELECT 1 FROM payouts WHERE node_id = ? AND state = 'pending'",
-                    (node["id"],),
-                ) or one(
-                    db,
-                    "SELECT 1 FROM payout_holds WHERE node_id = ? AND next_attempt_at > ?",
-                    (node["id"], now),
-                ):
+                held = stored.hold(db, node.id)
+                if held is not None and held.next_attempt_at > now:
                     continue
-                out.append(Due(node["id"], node["payout_address"], amount))
+                out.append(Due(node.id, node.payout_address, amount))
             return out
 
         return await self.store.read(read)
 
     async def reconcile(self) -> None:
         """Ask the backend about every pending payout, by payment hash."""
-        pending = await self.store.read(
-            lambda db: [
-                (r["id"], r["payment_hash"])
-                for r in rows(db, "SELECT id, payment_hash FROM payouts WHERE state = 'pending'")
-            ]
-        )
-        for payout_id, payment_hash in pending:
+        for pending in await self.store.read(stored.pending):
+            payout_id = pending.id
             try:
-                payment = await self.backend.payment_status(payment_hash)
+                if pending.payment_hash is None:
+                    raise LightningError("a pending payout without a payment hash")
+                payment = await self.backend.payment_status(pending.payment_hash)
                 if payment.state != "pending":
                     await self._finish(payout_id, payment)
             except Exception as exc:  # one payout's trouble, never the worker's
@@ -331,16 +296,8 @@ class Payouts:
                 log.error("payout cycle interrupted: %s", describe_error(exc), exc_info=exc)
             await trio.sleep(self.config.payout_interval)
 
-    async def holds(self) -> list[dict[str, Any]]:
-        return await self.store.read(
-            lambda db: [
-                dict(r) for r in rows(db, "SELECT * FROM payout_holds ORDER BY updated_at DESC")
-            ]
-        )
+    async def holds(self) -> list[PayoutHold]:
+        return await self.store.read(stored.holds)
 
-    async def list(self) -> list[dict[str, Any]]:
-        return await self.store.read(
-            lambda db: [
-                dict(r) for r in rows(db, "SELECT * FROM payouts ORDER BY id DESC LIMIT 200")
-            ]
-        )
+    async def list(self) -> list[PayoutRecord]:
+        return await self.store.read(stored.recent)

@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import sqlite_utils
 import trio
 
 from ledger import book
-from ledger.store import Store, one, rows
+from ledger.store import Connection, Store
 from routecat.config import Config
+from routecat.db import topups as stored
 from routecat.errors import InvalidRequest, NotFound, ServiceUnavailable
 from routecat.lightning.backend import Backend, LightningError
 
@@ -42,26 +42,23 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def credit_topup(db: sqlite_utils.Database, payment_hash: str, now: float) -> bool:
+def credit_topup(db: Connection, payment_hash: str, now: float) -> bool:
     """Credit a paid top-up once; True if this call credited it."""
-    row = one(db, "SELECT key_id, amount_msat FROM topups WHERE payment_hash = ?", (payment_hash,))
-    if row is None:
+    found = stored.topup(db, payment_hash)
+    if found is None:
         return False
-    amount = int(row["amount_msat"])
+    amount = found.amount_msat
     tx = book.post(
         db,
         f"topup:{payment_hash}",
         "topup",
         [
-            book.Posting(book.user_account(int(row["key_id"])), amount),
+            book.Posting(book.user_account(found.key_id), amount),
             book.Posting(book.LIGHTNING_IN, -amount),
         ],
         memo=f"top-up {amount // 1000} sats",
     )
-    db.conn.execute(
-        "UPDATE topups SET state = 'paid', paid_at = COALESCE(paid_at, ?) WHERE payment_hash = ?",
-        (now, payment_hash),
-    )
+    stored.mark_paid(db, payment_hash, now)
     return tx is not None
 
 
@@ -98,22 +95,17 @@ class Topups:
             ) from None
         now = self.wall()
 
-        def write(db: sqlite_utils.Database) -> None:
-            db.conn.execute(
-                "INSERT INTO topups (payment_hash, key_id, amount_msat, bolt11, backend,"
-                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    invoice.payment_hash,
-                    key_id,
-                    invoice.amount_msat,
-                    invoice.bolt11,
-                    self.backend.name,
-                    now,
-                    invoice.expires_at,
-                ),
-            )
-
-        await self.store.write(write)
+        record = stored.Topup(
+            payment_hash=invoice.payment_hash,
+            key_id=key_id,
+            amount_msat=invoice.amount_msat,
+            bolt11=invoice.bolt11,
+            backend=self.backend.name,
+            state="pending",
+            created_at=now,
+            expires_at=invoice.expires_at,
+        )
+        await self.store.write(lambda db: stored.insert_topup(db, record))
         self.wake()
         log.info("top-up invoice %s for %d sats", invoice.payment_hash[:16], amount_sats)
         return {
@@ -124,30 +116,25 @@ class Topups:
         }
 
     async def status(self, key_id: int, payment_hash: str) -> dict[str, Any]:
-        row = await self.store.read(
-            lambda db: one(
-                db,
-                "SELECT * FROM topups WHERE payment_hash = ? AND key_id = ?",
-                (payment_hash, key_id),
-            )
-        )
-        if row is None:
+        found = await self.store.read(lambda db: stored.topup(db, payment_hash))
+        if found is None or found.key_id != key_id:
             # Someone else's invoice or no invoice at all: the same answer.
             raise NotFound("no such top-up for this key", code="not_found", param="payment_hash")
-        if row["state"] != "paid":  # "expired" is never final: a late payment counts
+        if found.state != "paid":  # "expired" is never final: a late payment counts
             await self.check(payment_hash)
-            row = await self.store.read(
-                lambda db: one(db, "SELECT * FROM topups WHERE payment_hash = ?", (payment_hash,))
-            )
-            assert row is not None
+            found = await self.store.read(lambda db: stored.topup(db, payment_hash))
+            assert found is not None
         return {
             "payment_hash": payment_hash,
-            "status": row["state"],
-            "amount_sats": int(row["amount_msat"]) // 1000,
-            "invoice": row["bolt11"],
-            "expires_at": rfc3339(row["expires_at"]),
-            "paid_at": rfc3339(row["paid_at"]) if row["paid_at"] else None,
+            "status": found.state,
+            "amount_sats": found.amount_msat // 1000,
+            "invoice": found.bolt11,
+            "expires_at": rfc3339(found.expires_at),
+            "paid_at": rfc3339(found.paid_at) if found.paid_at else None,
         }
+
+    async def exists(self, payment_hash: str) -> bool:
+        return await self.store.read(lambda db: stored.topup(db, payment_hash)) is not None
 
     def wake(self) -> None:
         self._wake.set()
@@ -168,26 +155,14 @@ class Topups:
                 self.credited += 1
                 log.info("top-up %s paid and credited", payment_hash[:16])
             return "paid"
-        row = await self.store.read(
-            lambda db: one(
-                db, "SELECT expires_at FROM topups WHERE payment_hash = ?", (payment_hash,)
-            )
-        )
+        found = await self.store.read(lambda db: stored.topup(db, payment_hash))
         # Expired only when the backend says it can no longer be paid, or, for a backend
         # that cannot say, once expiry plus a grace period has passed and this status
         # check still says unpaid. Never final for crediting: see ``reconcile``.
-        if row is not None and (
-            status.state == "expired" or now >= float(row["expires_at"]) + EXPIRED_GRACE
+        if found is not None and (
+            status.state == "expired" or now >= found.expires_at + EXPIRED_GRACE
         ):
-
-            def expire(db: sqlite_utils.Database) -> None:
-                db.conn.execute(
-                    "UPDATE topups SET state = 'expired' WHERE payment_hash = ?"
-                    " AND state = 'pending'",
-                    (payment_hash,),
-                )
-
-            await self.store.write(expire)
+            await self.store.write(lambda db: stored.mark_expired(db, payment_hash))
             return "expired"
         return "pending"
 
@@ -195,20 +170,9 @@ class Topups:
         """Check every pending top-up (also those past expiry: paid late is still paid),
         and with ``expired_too`` those that expired in the last ``LATE_WINDOW`` seconds,
         so that a payment the backend reports late is still credited, once."""
-        since = self.wall() - LATE_WINDOW
-
-        def read(db: sqlite_utils.Database) -> list[str]:
-            found = rows(db, "SELECT payment_hash FROM topups WHERE state = 'pending'")
-            if expired_too:
-                found += rows(
-                    db,
-                    "SELECT payment_hash FROM topups WHERE state = 'expired' AND expires_at > ?",
-                    (since,),
-                )
-            return [r[0] for r in found]
-
+        since = self.wall() - LATE_WINDOW if expired_too else None
         paid = 0
-        for payment_hash in await self.store.read(read):
+        for payment_hash in await self.store.read(lambda db: stored.unsettled(db, since)):
             if await self.check(payment_hash) == "paid":
                 paid += 1
         return paid

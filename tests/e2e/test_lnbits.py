@@ -132,7 +132,7 @@ async def test_provider_paid_to_its_lnbits_lightning_address(
         amount = earned["payable_msat"] // 1000 * 1000
         assert amount >= 100_000
         await gw.payouts.cycle()
-        assert [p["state"] for p in await gw.payouts.list()] == ["paid"]
+        assert [p.state for p in await gw.payouts.list()] == ["paid"]
         assert await trio.to_thread.run_sync(lnbits.balance_msat, provider) == amount
         after = await gw.billing.earnings(node.id)
         assert after["paid_msat"] == amount

@@ -1,12 +1,18 @@
-"""The gateway's own tables (keys, nodes, jobs), as versioned migrations.
+"""The gateway's own tables (keys, nodes, jobs, quota, top-ups, payouts), as migrations.
 
 Invariant: migrations only ever append; a step once released is never edited.
-The ledger's tables are migrated by ``ledger`` itself.
+The ledger's tables are migrated by ``ledger`` itself; ``open_store`` applies both.
+
+Timestamps: columns a person reads (``*_at`` of keys, nodes and jobs) hold ISO-8601 UTC
+text (``routecat.clock.iso``), so the audit and the pages sort and show them as they
+are; columns that timers compare (top-ups, payouts, holds, dev wallet) hold epoch
+seconds (REAL). Each column keeps one kind for ever (migrations only append).
 """
 
 from __future__ import annotations
 
-from ledger.store import Migration
+from ledger import book
+from ledger.store import Migration, Store
 
 COMPONENT = "routecat"
 
@@ -141,3 +147,15 @@ MIGRATIONS = (
         """,
     ),
 )
+
+
+def open_store(path: str) -> Store:
+    """The SQLite store at ``path``, with the ledger's and the gateway's tables migrated."""
+    store = Store.open(path)
+    try:
+        store.migrate(book.COMPONENT, book.MIGRATIONS)
+        store.migrate(COMPONENT, MIGRATIONS)
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -1,0 +1,102 @@
+"""Nodes as stored (identity, payout settings, bans) and the models the network has seen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from ledger.store import Connection, Row, rows
+
+
+@attrs.frozen
+class NodeRecord:
+    id: str
+    secret_hash: str
+    name: str
+    payout_address: str
+    payout_threshold_sats: int | None
+    created_at: str
+    last_seen_at: str
+    banned_at: str | None
+    ban_reason: str | None
+
+
+def _node(row: Row) -> NodeRecord:
+    threshold = row["payout_threshold_sats"]
+    return NodeRecord(
+        id=row["id"],
+        secret_hash=row["secret_hash"],
+        name=row["name"],
+        payout_address=row["payout_address"],
+        payout_threshold_sats=None if threshold is None else int(threshold),
+        created_at=row["created_at"],
+        last_seen_at=row["last_seen_at"],
+        banned_at=row["banned_at"],
+        ban_reason=row["ban_reason"],
+    )
+
+
+def node(db: Connection, node_id: str) -> NodeRecord | None:
+    row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    return None if row is None else _node(row)
+
+
+def insert_node(
+    db: Connection,
+    node_id: str,
+    secret_hash: str,
+    name: str,
+    payout_address: str,
+    payout_threshold_sats: int | None,
+    at: str,
+) -> None:
+    db.execute(
+        "INSERT INTO nodes (id, secret_hash, name, payout_address, payout_threshold_sats,"
+        " created_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (node_id, secret_hash, name, payout_address, payout_threshold_sats, at, at),
+    )
+
+
+def update_node(
+    db: Connection,
+    node_id: str,
+    name: str,
+    payout_address: str,
+    payout_threshold_sats: int | None,
+    at: str,
+) -> None:
+    db.execute(
+        "UPDATE nodes SET name = ?, payout_address = ?, payout_threshold_sats = ?,"
+        " last_seen_at = ? WHERE id = ?",
+        (name, payout_address, payout_threshold_sats, at, node_id),
+    )
+
+
+def ban_node(db: Connection, node_id: str, reason: str, at: str) -> bool:
+    """False if no node with that id ever connected."""
+    cursor = db.execute(
+        "UPDATE nodes SET banned_at = ?, ban_reason = ? WHERE id = ?", (at, reason, node_id)
+    )
+    return cursor.rowcount > 0
+
+
+def payout_targets(db: Connection) -> list[NodeRecord]:
+    """Nodes that gave a payout address and are not banned."""
+    return [
+        _node(r)
+        for r in rows(db, "SELECT * FROM nodes WHERE payout_address != '' AND banned_at IS NULL")
+    ]
+
+
+def models_seen(db: Connection) -> dict[str, float]:
+    return {r[0]: float(r[1]) for r in rows(db, "SELECT model, last_seen FROM models_seen")}
+
+
+def remember_models(db: Connection, names: Iterable[str], at: float) -> None:
+    for name in names:
+        db.execute(
+            "INSERT INTO models_seen (model, last_seen) VALUES (?, ?)"
+            " ON CONFLICT(model) DO UPDATE SET last_seen = excluded.last_seen",
+            (name, at),
+        )

@@ -27,7 +27,7 @@ import attrs
 
 from ledger.errors import Unbalanced, WrongDirection
 from ledger.money import split
-from ledger.store import Connection, Row, Migration, one, rows
+from ledger.store import Connection, Migration, Row, one, rows
 
 COMPONENT = "ledger"
 

@@ -32,10 +32,10 @@ from werkzeug.exceptions import HTTPException
 from ledger.money import usd_to_sats
 from owlrun.protocol import WS_PATH
 from routecat import errors
+from routecat.api.nodes import serve_node_websocket
 from routecat.clientip import client_ip
 from routecat.db import jobs as jobs_db
 from routecat.gateway import Gateway
-from routecat.nodes import serve_node_socket
 from routecat.schema import RegisterRequest, TopupRequest, decode_json, parse_request
 
 log = logging.getLogger("routecat.http")
@@ -266,7 +266,7 @@ def create_app(gw: Gateway) -> App:
 
     @app.websocket(WS_PATH)
     async def node_socket() -> None:
-        await serve_node_socket(gw.registry, gw.config, gw.billing.mark_dirty)
+        await serve_node_websocket(gw.registry, gw.config, gw.billing.mark_dirty)
 
     @app.get("/v1/auth/balance")
     async def balance() -> Response:

@@ -45,10 +45,11 @@ from routecat.db import jobs, payouts, quota
 from routecat.db.jobs import JobRecord
 from routecat.errors import InsufficientBalance, ServiceUnavailable
 from routecat.metrics import Metrics
-from routecat.nodes import NodeLink, Registry
+from routecat.network.jobs import Bill, JobResult, JobSpec
+from routecat.network.link import NodeLink
+from routecat.network.registry import Registry
+from routecat.network.reputation import Reputation
 from routecat.pricing import Catalog, Price, RateFeed
-from routecat.reputation import Reputation
-from routecat.scheduler import Bill, JobResult, JobSpec
 from routecat.usage import Verified, completion_bound, verify
 
 log = logging.getLogger("routecat.billing")

@@ -23,7 +23,8 @@ from owlrun.protocol import Delta
 from routecat import errors
 from routecat.app import json_response, on_exchange_end, read_json
 from routecat.gateway import Gateway
-from routecat.scheduler import Bill, Event, Failure, Final, JobHandle, JobSpec, mint_job_id
+from routecat.network.jobs import Bill, Event, Failure, Final, JobKind, JobSpec, mint_job_id
+from routecat.network.scheduler import JobHandle
 from routecat.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
 from routecat.usage import measure_prompt
 
@@ -56,7 +57,7 @@ def usage_body(bill: Bill) -> dict[str, int]:
 
 
 async def open_job(
-    gw: Gateway, kind: str
+    gw: Gateway, kind: JobKind
 ) -> tuple[JobHandle, ChatCompletionRequest | CompletionRequest]:
     key = await gw.keys.authenticate(request.headers.get("Authorization"))
     gw.request_limit.acquire_nowait(f"key:{key.id}")
@@ -106,7 +107,7 @@ async def open_job(
 class _Shape:
     """Builds OpenAI chunk and response objects for one job."""
 
-    def __init__(self, handle: JobHandle, kind: str) -> None:
+    def __init__(self, handle: JobHandle, kind: JobKind) -> None:
         self.id = handle.spec.job_id
         self.model = handle.spec.model
         self.kind = kind
@@ -328,7 +329,7 @@ def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, st
     )
 
 
-async def serve_completion(gw: Gateway, kind: str) -> Response:
+async def serve_completion(gw: Gateway, kind: JobKind) -> Response:
     handle, body = await open_job(gw, kind)
     if body.stream:
         return stream_response(gw, handle, body)

@@ -21,11 +21,12 @@ from routecat.lightning.lnurl import Resolver
 from routecat.lightning.payouts import Payouts
 from routecat.lightning.topups import Topups
 from routecat.metrics import Metrics
-from routecat.nodes import Registry
+from routecat.network.jobs import JobSpec
+from routecat.network.registry import Registry
+from routecat.network.reputation import Reputation
+from routecat.network.scheduler import Scheduler
 from routecat.pricing import Catalog, RateFeed, load_catalog
 from routecat.ratelimit import SlidingWindow
-from routecat.reputation import Reputation
-from routecat.scheduler import JobSpec, Scheduler
 from routecat.version import git_commit, package_version
 
 

@@ -29,7 +29,7 @@ from routecat.db import jobs as jobs_db
 from routecat.db import nodes as nodes_db
 from routecat.db import payouts as payouts_db
 from routecat.gateway import Gateway
-from routecat.nodes import hash_secret
+from routecat.network.registry import hash_secret
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"

@@ -112,7 +112,7 @@ async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[fl
     from owlrun.protocol import Usage
     from routecat.config import load_config
     from routecat.gateway import Gateway
-    from routecat.scheduler import JobResult, JobSpec
+    from routecat.network.jobs import JobResult, JobSpec
     from routecat.server import open_store
 
     config = load_config(

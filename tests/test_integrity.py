@@ -588,9 +588,11 @@ async def test_version_1_agents_keep_working(nursery: trio.Nursery, tmp_path: Pa
 async def test_slow_reading_client_does_not_blame_the_node(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import routecat.nodes
+    import routecat.network.link
 
-    monkeypatch.setattr(routecat.nodes, "INBOX_SIZE", 4)  # overflow after socket buffers fill
+    monkeypatch.setattr(
+        routecat.network.link, "INBOX_SIZE", 4
+    )  # overflow after socket buffers fill
     with trio.fail_after(60):
         net = await start_network(nursery, tmp_path, knobs=Knobs(repeat=3000, delay=0.0002))
         gw = net.gateway.gw

@@ -20,7 +20,7 @@ import trio
 
 from ledger import book
 from routecat.billing import billable
-from routecat.scheduler import JobResult
+from routecat.network.jobs import JobResult
 from tests.conftest import Network, assert_error, fund, register, start_network, start_node
 from tests.fakes import Knobs, serve_app, start_engine
 from tests.test_network import chat, read_sse, wait_for
@@ -176,8 +176,8 @@ async def test_settlement_races_settle_once(nursery: trio.Nursery, tmp_path: Pat
         before = await balance(net)
         # Replay the same job's settlement as a disconnect and a node failure would, at once.
         from routecat.billing import Admission
+        from routecat.network.jobs import JobSpec
         from routecat.pricing import Price
-        from routecat.scheduler import JobSpec
 
         spec = JobSpec(
             job_id,
@@ -212,7 +212,7 @@ async def _settle(billing: Any, result: JobResult, out: list[Any]) -> None:
 
 def test_what_is_billed_by_outcome() -> None:
     """DESIGN section 3's table, row by row."""
-    from routecat.scheduler import JobSpec
+    from routecat.network.jobs import JobSpec
 
     def result(outcome: str, stream: bool, chunks: int, dispatched: bool = True) -> JobResult:
         spec = JobSpec("j", "chat", "m", {}, stream, 1, 10, 10)

@@ -24,13 +24,11 @@ import attrs
 import trio
 
 from owlrun.protocol import Usage
-from routecat.nodes import Registry
+from routecat.network.registry import Registry
 from routecat.usage import DEFAULT_BYTES_PER_TOKEN
 
 SAMPLES = 200
 OUTLIER = 1.5  # reported/observed more than 1.5x the network's median is an outlier
-PENALTY = 0.5
-RECOVERY = 0.05
 COOLDOWN = 60.0
 
 
@@ -108,12 +106,8 @@ class Reputation:
         return None
 
     def _adjust(self, node_id: str, reason: str | None) -> None:
+        if reason is not None:
+            self.penalties[node_id] = self.penalties.get(node_id, 0) + 1
         node = self.registry.nodes.get(node_id)
-        if reason is None:
-            if node is not None:
-                node.reputation = min(1.0, node.reputation + RECOVERY)
-            return
-        self.penalties[node_id] = self.penalties.get(node_id, 0) + 1
         if node is not None:
-            node.reputation = max(0.05, node.reputation * PENALTY)
-            node.cooldown_until = max(node.cooldown_until, self.clock() + COOLDOWN)
+            node.judged(reason, self.clock(), COOLDOWN)

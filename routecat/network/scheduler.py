@@ -15,20 +15,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import secrets
 import string
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 import trio
 
-from owlrun.protocol import Chunk, Chunks, Delta, Done, Job, JobError, Usage
+from owlrun.protocol import Chunk, Chunks, Done, Job, JobError
 from routecat.config import Config
 from routecat.errors import ApiError, ServiceUnavailable, UpstreamError
 from routecat.metrics import Metrics
-from routecat.nodes import Attempt, NodeLink, Registry
+from routecat.network.jobs import (
+    Bill,
+    CompletionHook,
+    Event,
+    Failure,
+    Final,
+    JobResult,
+    JobSpec,
+    Outcome,
+)
+from routecat.network.link import Attempt, NodeLink
+from routecat.network.registry import Registry
 from routecat.usage import delta_bytes
 
 log = logging.getLogger("routecat.scheduler")
@@ -38,81 +47,9 @@ SETTLE_TIMEOUT = 30.0
 CLIENT_STALL_TIMEOUT = 300.0
 
 
-def mint_job_id(kind: str) -> str:
-    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(29))
-
-
-@attrs.frozen
-class JobSpec:
-    """Everything the scheduler and the completion hook need to know about a request."""
-
-    job_id: str
-    kind: str  # "chat" or "completion"
-    model: str
-    request: dict[str, Any]  # the body sent to the node, max_tokens applied
-    stream: bool
-    key_id: int
-    max_tokens: int
-    prompt_bound: int
-    requested_max_tokens: int | None = None  # what the client asked for, if anything
-    prompt_bytes: int = 0  # B_in: the prompt's own bytes, without the bound's allowances
-    admission: Any = None  # the money layer's admission (reservation, free slot, rate)
-
-
-@attrs.frozen
-class JobResult:
-    """What a finished job observed; the completion hook's input."""
-
-    spec: JobSpec
-    outcome: str  # done, client_gone, node_failed, timeout, shutdown, no_capacity
-    node_id: str | None
-    finish_reason: str | None
-    reported: Usage | None
-    delivered_chunks: int
-    delivered_bytes: int
-    attempts: int
-    failed_nodes: tuple[str, ...]
-    started_at: float  # wall clock
-    duration: float
-    ttft: float | None
-    # The job was sent to a node that did not refuse it (DESIGN section 3's "dispatched").
-    dispatched: bool = False
-    tool_calls: int = 0  # distinct tool calls delivered (each gets a wrapper allowance)
-    violation: str = ""  # the node's done frame broke the protocol (usage not trusted)
-
-    @property
-    def delivered(self) -> bool:
-        return self.delivered_chunks > 0
-
-
-@attrs.frozen
-class Bill:
-    """What the hook decided: the usage shown to the client is the usage billed."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cost_msat: int = 0
-
-
-@attrs.frozen
-class Final:
-    finish_reason: str
-    bill: Bill
-
-
-@attrs.frozen
-class Failure:
-    error: ApiError
-
-
-Event = Delta | Final | Failure
-CompletionHook = Callable[[JobResult], Awaitable[Bill]]
-
-
 class _NodeFailed(Exception):
     def __init__(
-        self, reason: str, retryable: bool, blame: bool = True, outcome: str = "node_failed"
+        self, reason: str, retryable: bool, blame: bool = True, outcome: Outcome = "node_failed"
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -129,11 +66,11 @@ class JobHandle:
     events: trio.MemoryReceiveChannel[Event]
     _send: trio.MemorySendChannel[Event]
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    cancel_reason: str | None = None
+    cancel_reason: Outcome | None = None
     finished: trio.Event = attrs.Factory(trio.Event)
     result: JobResult | None = None
 
-    def cancel_nowait(self, reason: str) -> None:
+    def cancel_nowait(self, reason: Outcome) -> None:
         """Stop the job (client gone). A no-op once it has finished."""
         if self.cancel_reason is None and not self.finished.is_set():
             self.cancel_reason = reason
@@ -151,7 +88,7 @@ class _Progress:
     bytes: int = 0
     first_token_at: float | None = None
     done: Done | None = None
-    outcome: str | None = None
+    outcome: Outcome | None = None
     dispatched: bool = False
     tool_calls: set[int] = attrs.Factory(set)
 
@@ -321,7 +258,7 @@ class Scheduler:
                 self.metrics.jobs_in_flight.set(len(self.jobs))
                 handle.finished.set()
 
-    def _ending(self, handle: JobHandle) -> str:
+    def _ending(self, handle: JobHandle) -> Outcome:
         if handle.cancel_reason is not None:
             return handle.cancel_reason
         return "shutdown"
@@ -355,7 +292,7 @@ class Scheduler:
             progress.node = attempt.node
             progress.attempts += 1
             attempt.on_overflow = client_not_reading
-            job = Job(job_id=spec.job_id, kind=spec.kind, model=spec.model, request=spec.request)  # type: ignore[arg-type]
+            job = Job(job_id=spec.job_id, kind=spec.kind, model=spec.model, request=spec.request)
             try:
                 if not attempt.node.send_nowait(job):
                     raise _NodeFailed("node went away", retryable=True)
@@ -475,18 +412,14 @@ class Scheduler:
                 )
 
     def _succeeded(self, node: NodeLink, progress: _Progress, started: float) -> None:
-        node.failures = 0
-        node.jobs_done += 1
         now = self.clock()
         ttft = None if progress.first_token_at is None else progress.first_token_at - started
         tokens = (
             progress.done.usage.completion_tokens if progress.done and progress.done.usage else None
         )
         generating = now - progress.first_token_at if progress.first_token_at else 0.0
-        node.observe(ttft, tokens or progress.chunks, generating)
+        node.succeeded(ttft, tokens or progress.chunks, generating)
 
     def _cool_down(self, node: NodeLink, reason: str) -> None:
-        node.failures += 1
-        pause = min(300.0, 5.0 * 2 ** (node.failures - 1))
-        node.cooldown_until = self.clock() + pause
+        pause = node.failed(self.clock())
         log.info("node %s cooling down %.0fs after: %s", node.id, pause, reason)

@@ -1,0 +1,141 @@
+"""The node registry: who is online, what they serve, which models the network knows.
+
+Invariants: a node id is bound to the hash of its secret at first contact (a known id
+with another secret is refused, a banned id too); a model is *known* when it is in
+the price catalog or some node advertised it within 24 hours (remembered across
+restarts), so a briefly empty network answers 503, not 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import trio
+
+from ledger.store import Connection, Store
+from owlrun.protocol import Hello, ModelInfo
+from routecat.db import nodes as stored
+from routecat.metrics import Metrics
+from routecat.network.link import NodeLink
+
+KNOWN_FOR = 24 * 3600.0
+NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
+MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+MAX_MODELS = 1000
+
+
+def models_ok(models: list[ModelInfo]) -> bool:
+    """A node's model list: at most 1,000 names of 1 to 200 characters, no control ones."""
+    return len(models) <= MAX_MODELS and all(MODEL_NAME.fullmatch(m.name) for m in models)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@attrs.define(eq=False)
+class Registry:
+    """Online nodes, their models, and which models the network has seen lately."""
+
+    store: Store
+    metrics: Metrics
+    clock: Callable[[], float] = trio.current_time
+    wall: Callable[[], float] = time.time
+    nodes: dict[str, NodeLink] = attrs.Factory(dict)
+    model_seen: dict[str, float] = attrs.Factory(dict)
+    catalog_models: frozenset[str] = frozenset()
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def load(self) -> None:
+        self.model_seen = await self.store.read(stored.models_seen)
+
+    def changed(self) -> None:
+        """Wake everyone waiting for capacity; the next waiters get a fresh event."""
+        self._changed.set()
+        self._changed = trio.Event()
+        self.metrics.nodes_online.set(len(self.nodes))
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def serving(self, model: str) -> list[NodeLink]:
+        return [n for n in self.nodes.values() if model in n.models and n.closed_reason is None]
+
+    def online_models(self) -> dict[str, list[NodeLink]]:
+        out: dict[str, list[NodeLink]] = {}
+        for node in self.nodes.values():
+            if node.closed_reason is None:
+                for model in node.models:
+                    out.setdefault(model, []).append(node)
+        return out
+
+    def is_known(self, model: str) -> bool:
+        """Known: in the price catalog, or advertised by some node within 24 hours."""
+        if model in self.catalog_models or self.serving(model):
+            return True
+        seen = self.model_seen.get(model)
+        return seen is not None and self.wall() - seen < KNOWN_FOR
+
+    def pick(self, model: str, exclude: Iterable[str] = ()) -> NodeLink | None:
+        """The best node with a free slot: least loaded, then fastest, then most reputable."""
+        now = self.clock()
+        excluded = set(exclude)
+        best: NodeLink | None = None
+        best_score = 0.0
+        for node in self.serving(model):
+            if node.id in excluded or not node.has_slot() or node.cooldown_until > now:
+                continue
+            load = (node.in_flight + 1) / node.capacity
+            speed = node.tps_ema or 1.0
+            score = load / (speed**0.5) / max(node.reputation, 0.05)
+            if best is None or score < best_score:
+                best, best_score = node, score
+        return best
+
+    async def remember_models(self, models: Iterable[str]) -> None:
+        now = self.wall()
+        names = list(models)
+        for name in names:
+            self.model_seen[name] = now
+
+        if names:
+            await self.store.write(lambda db: stored.remember_models(db, names, now))
+
+    async def authenticate(self, hello: Hello, secret: str) -> str | None:
+        """None if the node may connect, else the reason it may not. A new id is
+        registered with its secret's hash; a known id must present the same secret."""
+        digest = hash_secret(secret)
+
+        def check(db: Connection) -> str | None:
+            known = stored.node(db, hello.node_id)
+            now = now_iso()
+            settings = (hello.name, hello.payout_address, hello.payout_threshold_sats, now)
+            if known is None:
+                stored.insert_node(db, hello.node_id, digest, *settings)
+                return None
+            if not hmac.compare_digest(known.secret_hash, digest):
+                return "wrong secret for this node id"
+            if known.banned_at is not None:
+                return f"node is banned: {known.ban_reason or 'no reason given'}"
+            stored.update_node(db, hello.node_id, *settings)
+            return None
+
+        return await self.store.write(check)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "nodes_online": len(self.nodes),
+            "models_online": len(self.online_models()),
+            "in_flight": sum(n.in_flight for n in self.nodes.values()),
+        }

@@ -1,0 +1,51 @@
+"""The registry's choices: which node gets a job, which models are known."""
+
+from __future__ import annotations
+
+import trio
+
+from routecat.network.registry import KNOWN_FOR
+from tests.unit.network.fakes import add_node, registry
+
+
+async def test_pick_prefers_free_fast_reputable_nodes_and_skips_cooling_ones(
+    autojump_clock,
+) -> None:
+    reg = registry()
+    slow = add_node(reg, "slow", capacity=4)
+    fast = add_node(reg, "fast", capacity=4)
+    shady = add_node(reg, "shady", capacity=4)
+    slow.link.tps_ema, fast.link.tps_ema, shady.link.tps_ema = 10.0, 90.0, 500.0
+    shady.link.judged("over-reports", trio.current_time(), cooldown=0.0)
+    shady.link.judged("over-reports", trio.current_time(), cooldown=0.0)
+    shady.link.judged("over-reports", trio.current_time(), cooldown=0.0)
+    assert reg.pick("m").id == "fast"  # shady is faster but its reputation is 1/8
+    for job in ("a", "b", "c"):
+        fast.link.open_attempt(job)
+    assert reg.pick("m").id == "slow"  # fast is nearly full now
+    assert reg.pick("m", exclude=["slow"]).id in {"fast", "shady"}
+    slow.link.failed(trio.current_time())
+    assert reg.pick("m", exclude=["fast", "shady"]) is None  # cooling down
+    await trio.sleep(5)
+    assert reg.pick("m", exclude=["fast", "shady"]).id == "slow"
+    assert reg.pick("other") is None
+
+
+async def test_a_model_stays_known_for_a_day_after_its_last_node_left(autojump_clock) -> None:
+    reg = registry()
+    now = [1_000_000.0]
+    reg.wall = lambda: now[0]
+    node = add_node(reg, "a", models=("gone-soon",))
+    await reg.remember_models(["gone-soon"])
+    del reg.nodes["a"]
+    node.link.close("left")
+    assert reg.is_known("gone-soon") and not reg.serving("gone-soon")
+    now[0] += KNOWN_FOR - 1
+    assert reg.is_known("gone-soon")
+    now[0] += 2
+    assert not reg.is_known("gone-soon")
+    # Remembered in the store: a restarted registry knows it too (until it expires).
+    again = registry()
+    again.store = reg.store
+    await again.load()
+    assert again.model_seen == {"gone-soon": 1_000_000.0}

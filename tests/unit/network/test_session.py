@@ -1,0 +1,177 @@
+"""A node's session over a memory transport, in virtual time: hello, heartbeats,
+late frames after a cancel, and what closes a node (and only it)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+import trio
+
+from owlrun.protocol import (
+    PROTOCOL_VERSION,
+    Chunk,
+    Delta,
+    Heartbeat,
+    Hello,
+    Message,
+    ModelInfo,
+    Welcome,
+    decode,
+    encode,
+)
+from routecat.config import Config
+from routecat.network.link import CANCEL_GRACE
+from routecat.network.registry import Registry
+from routecat.network.session import Transport, serve_node_session
+from tests.unit.network.fakes import registry
+
+CONFIG = Config(heartbeat_interval=10.0, heartbeat_misses=3)
+
+
+@attrs.define
+class Peer:
+    """The node's end of the socket."""
+
+    to_gateway: trio.MemorySendChannel[str]
+    from_gateway: trio.MemoryReceiveChannel[str]
+    closed: list[tuple[int, str]]
+    ended: trio.Event
+
+    async def send(self, message: Message | str) -> None:
+        await self.to_gateway.send(message if isinstance(message, str) else encode(message))
+
+    async def receive(self) -> Message:
+        return decode(await self.from_gateway.receive())
+
+
+def hello(node_id: str = "node-1") -> Hello:
+    return Hello(
+        node_id=node_id,
+        agent_version="test",
+        protocol_version=PROTOCOL_VERSION,
+        models=[ModelInfo(name="m")],
+        max_concurrency=2,
+    )
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[tuple[Registry, object]]:
+    reg = registry()
+    async with trio.open_nursery() as nursery:
+
+        async def open_peer(node_id: str = "node-1") -> Peer:
+            to_gateway, gateway_in = trio.open_memory_channel[str](100)
+            gateway_out, from_gateway = trio.open_memory_channel[str](100)
+            peer = Peer(to_gateway, from_gateway, [], trio.Event())
+
+            async def close(code: int, reason: str) -> None:
+                peer.closed.append((code, reason))
+
+            async def session() -> None:
+                try:
+                    await serve_node_session(
+                        reg,
+                        CONFIG,
+                        Transport(gateway_out.send, gateway_in.receive, close),
+                        node_header=node_id,
+                        secret="s" * 32,
+                    )
+                finally:
+                    peer.ended.set()
+
+            nursery.start_soon(session)
+            await peer.send(hello(node_id))
+            assert isinstance(await peer.receive(), Welcome)
+            return peer
+
+        yield reg, open_peer
+        nursery.cancel_scope.cancel()
+
+
+async def test_silence_closes_the_node_after_the_missed_heartbeats(connect, autojump_clock) -> None:
+    reg, open_peer = connect
+    peer = await open_peer()
+    link = reg.nodes["node-1"]
+    attempt = link.open_attempt("chatcmpl-1")
+    began = trio.current_time()
+    await peer.ended.wait()
+    assert trio.current_time() - began == pytest.approx(30.0)
+    assert link.closed_reason == "no heartbeat for 30s"
+    assert "node-1" not in reg.nodes
+    assert attempt.failure == "node disconnected (no heartbeat for 30s)"
+
+
+async def test_heartbeats_keep_a_node_and_the_gateway_sends_its_own(
+    connect, autojump_clock
+) -> None:
+    reg, open_peer = connect
+    peer = await open_peer()
+    for _ in range(10):  # 100 virtual seconds
+        await peer.send(Heartbeat())
+        assert isinstance(await peer.receive(), Heartbeat)
+    assert reg.nodes["node-1"].closed_reason is None
+
+
+async def test_late_frames_are_dropped_in_grace_then_close_the_node(
+    connect, autojump_clock
+) -> None:
+    reg, open_peer = connect
+    peer = await open_peer()
+    other = await open_peer("node-2")
+    link = reg.nodes["node-1"]
+    attempt = link.open_attempt("chatcmpl-1")
+    del link.attempts["chatcmpl-1"]
+    link.cancel_job(attempt.job_id, "client gone")
+    assert (await peer.receive()).type == "cancel"
+    for _ in range(5):  # frames the node sent before it saw the cancel
+        await peer.send(Chunk(job_id="chatcmpl-1", delta=Delta(content="late")))
+        await trio.sleep(CANCEL_GRACE / 10)
+        await peer.send(Heartbeat())
+        await other.send(Heartbeat())
+    assert link.closed_reason is None
+    for _ in range(6):  # past the grace period, still beating
+        await trio.sleep(CANCEL_GRACE / 10)
+        await peer.send(Heartbeat())
+        await other.send(Heartbeat())
+    # After the grace period, a frame about that job is a protocol violation.
+    await peer.send(Chunk(job_id="chatcmpl-1", delta=Delta(content="very late")))
+    await peer.ended.wait()
+    assert link.closed_reason == "chunk frame for a job it was never given"
+    assert "node-1" not in reg.nodes and reg.nodes["node-2"].closed_reason is None
+
+
+async def test_garbage_closes_only_that_node(connect, autojump_clock) -> None:
+    reg, open_peer = connect
+    peer = await open_peer()
+    other = await open_peer("node-2")
+    await peer.send("{not json")
+    await peer.ended.wait()
+    assert reg.nodes.keys() == {"node-2"}
+    await other.send(Heartbeat())
+    assert reg.nodes["node-2"].closed_reason is None
+
+
+async def test_a_known_id_with_another_secret_is_refused(connect, autojump_clock) -> None:
+    reg, open_peer = connect
+    await open_peer()
+    to_gateway, gateway_in = trio.open_memory_channel[str](10)
+    gateway_out, from_gateway = trio.open_memory_channel[str](10)
+    closed: list[tuple[int, str]] = []
+
+    async def close(code: int, reason: str) -> None:
+        closed.append((code, reason))
+
+    await to_gateway.send(encode(hello()))
+    await serve_node_session(
+        reg,
+        CONFIG,
+        Transport(gateway_out.send, gateway_in.receive, close),
+        node_header="node-1",
+        secret="t" * 32,
+    )
+    refused = decode(await from_gateway.receive())
+    assert refused.type == "refused" and refused.reason == "wrong secret for this node id"
+    assert closed == [(1008, "wrong secret for this node id")]
+    assert reg.nodes["node-1"].closed_reason is None  # the real node-1 is untouched

@@ -152,7 +152,7 @@ def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
 
 def _forget_keys(config: Config) -> None:
     """Make a running gateway drop its cached keys (revoke and rotate act at once)."""
-    from routecat.admin import admin_call
+    from routecat.api.admin import admin_call
 
     with contextlib.suppress(LookupError):
         admin_call(config.database, "POST", "/keys/invalidate")
@@ -193,7 +193,7 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_wallet(config: Config, args: argparse.Namespace) -> int:
-    from routecat.admin import admin_call
+    from routecat.api.admin import admin_call
 
     if args.command == "wallet":
         data = admin_call(config.database, "POST", "/wallet/pay", {"invoice": args.invoice})
@@ -274,7 +274,7 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
-    from routecat.admin import admin_call
+    from routecat.api.admin import admin_call
     from routecat.server import open_store
 
     if args.action == "list":

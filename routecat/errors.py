@@ -1,25 +1,29 @@
-"""The gateway's exceptions. Every error a client can see leaves a view as one ``ApiError``.
+"""The gateway's domain errors: why a request is not served as asked, in words and a
+code, never as an HTTP status. The API layer maps each class to a status and the
+OpenAI error shape in one place (``routecat.api.errors``).
 
 Tree::
 
     RouteCatError
     ├── ConfigError                 bad configuration; the process refuses to start
-    └── ApiError                    rendered as {"error": {message, type, param, code}}
-        ├── InvalidRequest          400 invalid_request
-        ├── InvalidApiKey           401 invalid_api_key
-        ├── InsufficientBalance     402 insufficient_balance
-        ├── NotFound                404 not_found / model_not_found
-        ├── MethodNotAllowed        405 method_not_allowed
-        ├── RequestTooLarge         413 request_too_large
-        ├── RateLimited             429 rate_limit_exceeded (+ Retry-After)
-        ├── UpstreamError           502 upstream_error
-        └── ServiceUnavailable      503 no_capacity / pricing_unavailable (+ Retry-After)
+    └── RequestError                a request not served as asked (message, code, param,
+        │                           and retry_after: when trying again can help)
+        ├── InvalidRequest          the body or a parameter is wrong
+        ├── InvalidApiKey           no key, a malformed one, an unknown or revoked one
+        ├── InsufficientBalance     not enough balance and not free
+        ├── NotFound                no such model / route / top-up
+        ├── RateLimited             too many requests; retry_after says when
+        ├── UpstreamError           the provider node failed
+        └── ServiceUnavailable      no capacity, no price, shutting down, backend down
+
+Other packages keep their own trees: ``routecat.api.errors`` (transport-only errors),
+``routecat.network.errors``, ``routecat.lightning.errors``, ``ledger.errors``,
+``owlrun.errors`` and ``owlrun.protocol.ProtocolError``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class RouteCatError(Exception):
@@ -30,9 +34,9 @@ class ConfigError(RouteCatError):
     """The configuration cannot be used."""
 
 
-class ApiError(RouteCatError):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
+class RequestError(RouteCatError):
+    """A request the gateway does not serve as asked; ``code`` is machine-readable."""
+
     default_code: ClassVar[str] = "internal_error"
 
     def __init__(
@@ -49,71 +53,30 @@ class ApiError(RouteCatError):
         self.param = param
         self.retry_after = retry_after
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
-
-
-class InvalidRequest(ApiError):
-    status = 400
-    type = "invalid_request_error"
+class InvalidRequest(RequestError):
     default_code = "invalid_request"
 
 
-class InvalidApiKey(ApiError):
-    status = 401
-    type = "authentication_error"
+class InvalidApiKey(RequestError):
     default_code = "invalid_api_key"
 
 
-class InsufficientBalance(ApiError):
-    status = 402
-    type = "insufficient_quota"
+class InsufficientBalance(RequestError):
     default_code = "insufficient_balance"
 
 
-class NotFound(ApiError):
-    status = 404
-    type = "invalid_request_error"
+class NotFound(RequestError):
     default_code = "not_found"
 
 
-class MethodNotAllowed(ApiError):
-    status = 405
-    type = "invalid_request_error"
-    default_code = "method_not_allowed"
-
-
-class RequestTooLarge(ApiError):
-    status = 413
-    type = "invalid_request_error"
-    default_code = "request_too_large"
-
-
-class RateLimited(ApiError):
-    status = 429
-    type = "rate_limit_error"
+class RateLimited(RequestError):
     default_code = "rate_limit_exceeded"
 
 
-class UpstreamError(ApiError):
-    status = 502
-    type = "api_error"
+class UpstreamError(RequestError):
     default_code = "upstream_error"
 
 
-class ServiceUnavailable(ApiError):
-    status = 503
-    type = "api_error"
+class ServiceUnavailable(RequestError):
     default_code = "no_capacity"

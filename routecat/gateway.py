@@ -11,8 +11,9 @@ import attrs
 import httpx
 
 from ledger.store import Store
+from routecat.api.clientip import IPNetwork, parse_networks
+from routecat.api.ratelimit import SlidingWindow
 from routecat.billing import Billing
-from routecat.clientip import IPNetwork, parse_networks
 from routecat.config import Config
 from routecat.keys import KeyRing
 from routecat.lightning.backend import Backend
@@ -26,7 +27,6 @@ from routecat.network.registry import Registry
 from routecat.network.reputation import Reputation
 from routecat.network.scheduler import Scheduler
 from routecat.pricing import Catalog, RateFeed, load_catalog
-from routecat.ratelimit import SlidingWindow
 from routecat.version import git_commit, package_version
 
 

@@ -21,8 +21,8 @@ import hypercorn.trio
 import trio
 
 from ledger.store import Store
-from routecat.admin import create_admin_app, prepare_socket, secure_socket, socket_path
-from routecat.app import create_app
+from routecat.api.admin import create_admin_app, prepare_socket, secure_socket, socket_path
+from routecat.api.app import create_app
 from routecat.config import Config
 from routecat.db import schema
 from routecat.gateway import Gateway

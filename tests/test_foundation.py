@@ -433,7 +433,7 @@ async def test_openapi_documents_every_public_route(gateway: Running) -> None:
 
     import yaml
 
-    from routecat.app import create_app
+    from routecat.api.app import create_app
 
     spec = yaml.safe_load((Path(__file__).parent.parent / "docs" / "openapi.yaml").read_text())
     app = create_app(gateway.gw)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from routecat.admin import socket_path
+from routecat.api.admin import socket_path
 from tests.conftest import start_network
 from tests.fakes import Knobs
 from tests.test_network import chat, wait_for

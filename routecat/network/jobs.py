@@ -14,7 +14,7 @@ from typing import Any, Literal
 import attrs
 
 from owlrun.protocol import Delta, Usage
-from routecat.errors import ApiError
+from routecat.errors import RequestError
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -88,7 +88,7 @@ class Final:
 
 @attrs.frozen
 class Failure:
-    error: ApiError
+    error: RequestError
 
 
 Event = Delta | Final | Failure

@@ -24,7 +24,7 @@ import trio
 
 from owlrun.protocol import Chunk, Chunks, Done, Job, JobError
 from routecat.config import Config
-from routecat.errors import ApiError, ServiceUnavailable, UpstreamError
+from routecat.errors import RequestError, ServiceUnavailable, UpstreamError
 from routecat.metrics import Metrics
 from routecat.network.jobs import (
     Bill,
@@ -329,7 +329,7 @@ class Scheduler:
 
     async def _fail(self, handle: JobHandle, progress: _Progress, failure: _NodeFailed) -> None:
         if progress.chunks:
-            error: ApiError = UpstreamError(
+            error: RequestError = UpstreamError(
                 f"the provider node failed after output started: {failure.reason}"
             )
         elif failure.retryable:

@@ -17,19 +17,12 @@ import cattrs
 from cattrs.errors import IterableValidationNote
 
 from owlrun.protocol import register_exact, strict_converter
+from routecat.api.errors import FieldError
 from routecat.errors import InvalidRequest
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 MAX_TOKENS_LIMIT = 1_000_000
-
-
-class FieldError(ValueError):
-    """A value of the right type but out of bounds; names its field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _range(low: float, high: float) -> Any:

@@ -21,11 +21,12 @@ from quart import Response, request
 
 from owlrun.protocol import Delta
 from routecat import errors
-from routecat.app import json_response, on_exchange_end, read_json
+from routecat.api.errors import error_body
+from routecat.api.http import json_response, on_exchange_end, read_json
+from routecat.api.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
 from routecat.gateway import Gateway
 from routecat.network.jobs import Bill, Event, Failure, Final, JobKind, JobSpec, mint_job_id
 from routecat.network.scheduler import JobHandle
-from routecat.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
 from routecat.usage import measure_prompt
 
 SSE_HEADERS = {
@@ -189,10 +190,12 @@ def stream_response(
                 chunk["usage"] = None
             usage = _sse(shape.usage_chunk(event.bill)) if include_usage else b""
             return _sse(chunk) + usage + b"data: [DONE]\n\n", True
-        return _sse(event.error.body()), True
+        return _sse(error_body(event.error)), True
 
     # The job ended without a final event (shutdown): an error, and no [DONE].
-    stopped = _sse(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5).body())
+    stopped = _sse(
+        error_body(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5))
+    )
 
     async def events() -> AsyncIterator[bytes]:
         # The job is cancelled when the exchange ends (``open_job``), however it ends.

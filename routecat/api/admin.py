@@ -15,8 +15,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from routecat.app import error_response, json_response
-from routecat.errors import ApiError, InvalidRequest, NotFound
+from routecat.api.http import error_response, json_response
+from routecat.errors import InvalidRequest, NotFound, RequestError
 from routecat.gateway import Gateway
 
 
@@ -27,8 +27,8 @@ def socket_path(database: str) -> str:
 def create_admin_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio("routecat-admin")
 
-    @app.errorhandler(ApiError)
-    async def api_error(exc: ApiError) -> Response:
+    @app.errorhandler(RequestError)
+    async def api_error(exc: RequestError) -> Response:
         return error_response(exc)
 
     @app.get("/nodes")
@@ -93,7 +93,7 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
     async def unexpected(exc: Exception) -> Response:
         if isinstance(exc, ValueError):
             return error_response(InvalidRequest(str(exc)))
-        return error_response(ApiError(f"admin command failed: {type(exc).__name__}"))
+        return error_response(RequestError(f"admin command failed: {type(exc).__name__}"))
 
     return app
 

@@ -1,0 +1,141 @@
+"""The Quart-Trio application: the HTTP surface and its cross-cutting rules.
+
+Invariants owned here: every response carries ``X-Request-Id``; every error, from a
+view, the router or an unexpected exception, leaves in the OpenAI error shape with
+the right status and never with a traceback; ``/v1/*`` answers CORS preflights.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from quart import (
+    Response,
+    g,
+    has_request_context,
+    has_websocket_context,
+    request,
+    websocket,
+)
+from werkzeug.exceptions import HTTPException
+
+from owlrun.protocol import WS_PATH
+from routecat import errors
+from routecat.api.accounts import register_accounts
+from routecat.api.completions import serve_completion
+from routecat.api.errors import FROM_STATUS
+from routecat.api.http import (
+    CORS_HEADERS,
+    PREFLIGHT_HEADERS,
+    REQUEST_ID,
+    App,
+    error_response,
+)
+from routecat.api.nodes import serve_node_websocket
+from routecat.api.public import register_public
+from routecat.gateway import Gateway
+from routecat.web.pages import create_web
+
+log = logging.getLogger("routecat.http")
+
+
+def create_app(gw: Gateway) -> App:
+    app = App("routecat")
+    app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["RESPONSE_TIMEOUT"] = None
+
+    @app.before_request
+    async def start_request() -> Response | None:
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(8)
+        if request.method == "OPTIONS" and request.path.startswith("/v1/"):
+            return Response("", status=204, headers=PREFLIGHT_HEADERS)
+        return None
+
+    @app.after_request
+    async def finish_request(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.path.startswith("/v1/"):
+            response.headers.update(CORS_HEADERS)
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        gw.metrics.requests.labels(rule, request.method, str(response.status_code)).inc()
+        gw.metrics.latency.labels(rule).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %d %.1fms",
+                request.method,
+                request.path,
+                response.status_code,
+                elapsed * 1000,
+                extra={"request_id": g.get("request_id", "")},
+            )
+        return response
+
+    @app.errorhandler(errors.RequestError)
+    async def api_error(exc: errors.RequestError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        kind = FROM_STATUS.get(status, errors.RequestError)
+        message = {
+            404: f"no route for {_method()} {_path()}",
+            405: f"method {_method()} is not allowed on {_path()}",
+            413: f"request body larger than {gw.config.max_body_bytes} bytes",
+        }.get(status, exc.description or exc.name)
+        response = error_response(kind(message))
+        response.status_code = status
+        if status == 413:
+            # The unread rest of the body makes the connection unusable: close it, so
+            # that a client's connection pool does not send its next request into it.
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error(
+            "unhandled error in %s %s",
+            _method(),
+            _path(),
+            exc_info=exc,
+            extra={"request_id": g.get("request_id", "")},
+        )
+        return error_response(errors.RequestError("internal error; the request id names it"))
+
+    app.register_blueprint(create_web(gw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        return await serve_completion(gw, "chat")
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await serve_completion(gw, "completion")
+
+    @app.websocket(WS_PATH)
+    async def node_socket() -> None:
+        await serve_node_websocket(gw.registry, gw.config, gw.billing.mark_dirty)
+
+    register_public(app, gw)
+    register_accounts(app, gw)
+    return app
+
+
+def _method() -> str:
+    """The request's method; a websocket upgrade (which has no request context) is GET."""
+    return request.method if has_request_context() else "GET"
+
+
+def _path() -> str:
+    if has_request_context():
+        return request.path
+    return websocket.path if has_websocket_context() else "?"

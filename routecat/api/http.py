@@ -1,0 +1,122 @@
+"""HTTP plumbing shared by every route: the app class, JSON in and out, client IPs,
+and the hook that ends a job with its exchange.
+
+Invariant owned here: an HTTP exchange in progress is counted from its first byte to
+its last callback, so a shutdown waits for real work and never for idle keep-alive
+connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any, cast
+
+import trio
+from quart import (
+    Response,
+    jsonify,
+    request,
+)
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+from routecat import errors
+from routecat.api.clientip import client_ip
+from routecat.api.errors import error_body, error_headers, status_of
+from routecat.api.schema import decode_json
+from routecat.gateway import Gateway
+
+log = logging.getLogger("routecat.http")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "X-Request-Id, X-RouteCat-Cost-Msat, Retry-After",
+}
+PREFLIGHT_HEADERS = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": (
+        "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project,"
+        " X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version,"
+        " X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count,"
+        " X-Stainless-Timeout"
+    ),
+    "Access-Control-Max-Age": "86400",
+}
+
+
+EXCHANGE_END = "routecat.on_exchange_end"
+
+
+class _HTTPConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, plus callbacks that run whatever ends the exchange:
+    the response sent, the client gone while the view ran, or while the response was
+    starting (where no body iterator ever runs its ``finally``)."""
+
+    app: App
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        callbacks: list[Callable[[], None]] = []
+        cast(dict[str, Any], self.scope)[EXCHANGE_END] = callbacks
+        self.app.exchanges += 1
+        try:
+            await super().__call__(receive, send)
+        finally:
+            for callback in callbacks:
+                callback()
+            self.app.exchanges -= 1
+            if not self.app.exchanges:
+                self.app.quiet.set()
+                self.app.quiet = trio.Event()
+
+
+class App(QuartTrio):
+    """The gateway's Quart-Trio app; counts HTTP exchanges in progress, so that a
+    shutdown waits for real work and never for idle keep-alive connections."""
+
+    asgi_http_class = _HTTPConnection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges = 0
+        self.quiet = trio.Event()
+
+    async def wait_quiet(self) -> None:
+        """Return once no HTTP exchange is in progress."""
+        while self.exchanges:
+            await self.quiet.wait()
+
+
+def on_exchange_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` (synchronous, must not raise) when this HTTP exchange ends."""
+    cast(dict[str, Any], request.scope)[EXCHANGE_END].append(callback)
+
+
+def error_response(exc: errors.RequestError) -> Response:
+    """The one place a domain error becomes an HTTP response (see ``api.errors``)."""
+    response = jsonify(error_body(exc))
+    response.status_code = status_of(exc)[0]
+    response.headers.update(error_headers(exc))
+    return response
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def remote_ip(gw: Gateway) -> str:
+    return client_ip(request.remote_addr, request.headers.get("X-Forwarded-For"), gw.proxies)
+
+
+async def read_json() -> Any:
+    """The request body as JSON; 413 past the limit, 400 when it is not JSON."""
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    return decode_json(body)

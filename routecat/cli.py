@@ -19,14 +19,15 @@ from typing import Any
 
 import attrs
 
-from routecat import keys as keys_mod
-from routecat.billing import credit
+from routecat.clock import Clock
 from routecat.config import Config, load_config
 from routecat.db import nodes as nodes_db
 from routecat.db import payouts as payouts_db
 from routecat.db.keys import ApiKey
 from routecat.errors import ConfigError
 from routecat.logs import setup_logging
+from routecat.money import keys as keys_mod
+from routecat.money.settlement import credit
 
 HELP = {
     "host": "interface to bind (default 127.0.0.1)",
@@ -290,7 +291,7 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
         return 0
     store = open_store(config)
     try:
-        at = keys_mod.now_iso()
+        at = Clock().now_iso()
         if not store.write_sync(lambda db: nodes_db.ban_node(db, args.node_id, args.reason, at)):
             raise LookupError(f"no node {args.node_id} has ever connected")
     finally:

@@ -15,13 +15,18 @@ import typing
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from routecat.errors import ConfigError
 
 ENV_PREFIX = "ROUTECAT_"
+
+
+LogFormat = Literal["text", "json"]
+RateMode = Literal["auto", "live"]
+LightningKind = Literal["dev", "lnbits", "phoenixd", "lnd"]
 
 
 def _secret(default: str = "") -> Any:
@@ -37,7 +42,7 @@ class Config:
     port: int = 8080
     database: str = "routecat.db"
     log_level: str = "INFO"
-    log_format: str = "text"  # "text" or "json"
+    log_format: LogFormat = "text"
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
     public_url: str = ""  # shown in web pages; derived from the request when empty
@@ -70,14 +75,16 @@ class Config:
     default_output_usd_per_1m: Decimal = Decimal("0.20")
     sweep_interval: float = 60.0  # how often stale reservations are released
     btc_usd: Decimal | None = None  # a pinned rate; None means live sources
-    rate_mode: str = "auto"  # auto: the dev wallet pins a documented constant; live: always sources
+    rate_mode: RateMode = (
+        "auto"  # auto: the dev wallet pins a documented constant; live: always sources
+    )
     rate_refresh: float = 300.0
     rate_max_age: float = 1800.0
     rate_sources: tuple[str, ...] = ("coinbase", "kraken", "bitstamp", "coingecko", "mempool")
     rate_urls: tuple[str, ...] = ()  # "source=url" overrides, e.g. for a proxy or tests
 
     # Lightning.
-    lightning: str = "dev"  # dev, lnbits, phoenixd, lnd
+    lightning: LightningKind = "dev"
     lnbits_url: str = ""
     lnbits_invoice_key: str = _secret()
     lnbits_admin_key: str = _secret()
@@ -123,6 +130,13 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
             return None
         inner = next(a for a in typing.get_args(kind) if a is not type(None))
         return _convert(name, inner, raw)
+    if origin is typing.Literal:
+        choices = typing.get_args(kind)
+        if raw not in choices:
+            raise ConfigError(
+                f"setting {name!r}: {raw!r} is not one of {', '.join(map(str, choices))}"
+            )
+        return raw
     try:
         if kind is bool:
             if isinstance(raw, bool):
@@ -210,16 +224,10 @@ def load_config(
 
 
 def _check(config: Config) -> None:
-    if config.log_format not in ("text", "json"):
-        raise ConfigError("log_format must be 'text' or 'json'")
     if not 0 <= config.port <= 65535:
         raise ConfigError("port must be between 0 and 65535")
     if config.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes must be at least 1024")
-    if config.lightning not in ("dev", "lnbits", "phoenixd", "lnd"):
-        raise ConfigError("lightning must be one of dev, lnbits, phoenixd, lnd")
-    if config.rate_mode not in ("auto", "live"):
-        raise ConfigError("rate_mode must be 'auto' or 'live'")
     if config.btc_usd is not None and config.btc_usd <= 0:
         raise ConfigError("btc_usd must be positive")
     if not (

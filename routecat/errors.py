@@ -17,7 +17,7 @@ Tree::
         └── ServiceUnavailable      no capacity, no price, shutting down, backend down
 
 Other packages keep their own trees: ``routecat.api.errors`` (transport-only errors),
-``routecat.network.errors``, ``routecat.lightning.errors``, ``ledger.errors``,
+``routecat.network.errors``, ``routecat.money.lightning.errors``, ``ledger.errors``,
 ``owlrun.errors`` and ``owlrun.protocol.ProtocolError``.
 """
 

@@ -25,7 +25,7 @@ from routecat.api.admin import create_admin_app, prepare_socket, secure_socket, 
 from routecat.api.app import create_app
 from routecat.config import Config
 from routecat.db import schema
-from routecat.gateway import Gateway
+from routecat.gateway import Gateway, open_gateway
 
 log = logging.getLogger("routecat")
 
@@ -63,58 +63,50 @@ async def serve_gateway(
     """Run the gateway until ``stop`` is set; ``task_status`` receives the running gateway
     (its ``url`` attribute is the base URL)."""
     stop = trio.Event() if stop is None else stop
-    store = open_store(config)
-    gw = Gateway.build(config, store)
-    app = create_app(gw)
-    try:
-        async with trio.open_nursery() as nursery:
-            await gw.registry.load()
-            await nursery.start(gw.rates.run)
-            await nursery.start(gw.billing.sweep)
-            await nursery.start(gw.billing.publish_earnings)
-            await nursery.start(gw.billing.retry_settlements)
-            await nursery.start(gw.scheduler.run)
-            await nursery.start(gw.topups.run)
-            await nursery.start(gw.payouts.run)
-            for service in extra_services:
-                await nursery.start(service)
+    async with open_gateway(config) as gw, trio.open_nursery() as nursery:
+        app = create_app(gw)
+        await gw.registry.load()
+        await nursery.start(gw.rates.run)
+        await nursery.start(gw.settlement.sweep)
+        await nursery.start(gw.earnings.publish_earnings)
+        await nursery.start(gw.settlement.retry_settlements)
+        await nursery.start(gw.scheduler.run)
+        await nursery.start(gw.topups.run)
+        await nursery.start(gw.payouts.run)
+        for service in extra_services:
+            await nursery.start(service)
 
-            http_stop = trio.Event()
+        http_stop = trio.Event()
 
-            async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(
-                    app,
-                    hypercorn_config(config),
-                    shutdown_trigger=http_stop.wait,
-                    task_status=task_status,
-                )
-                # HTTP is drained: stop every other service.
-                nursery.cancel_scope.cancel()
+        async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn.trio.serve(
+                app,
+                hypercorn_config(config),
+                shutdown_trigger=http_stop.wait,
+                task_status=task_status,
+            )
+            # HTTP is drained: stop every other service.
+            nursery.cancel_scope.cancel()
 
-            binds: list[str] = await nursery.start(serve_http)
-            if config.admin:
-                await nursery.start(serve_admin, gw, stop)
-            url = binds[0].replace("0.0.0.0", "127.0.0.1")
-            gw.ready = True
-            log.info("RouteCat %s (%s) listening on %s", gw.version, gw.commit, url)
-            gw.url = url
-            task_status.started(gw)
-            await stop.wait()
-            gw.ready = False
-            log.info("stopping: draining in-flight jobs for up to %gs", config.drain_timeout)
-            deadline = trio.current_time() + config.drain_timeout
-            await gw.scheduler.drain(config.drain_timeout)
-            # Jobs still running past the drain time are cut (billed as DESIGN says), and
-            # their streams end with an error event; then the responses finish writing.
-            gw.scheduler.cut_all()
-            with trio.move_on_at(deadline + 2):
-                await app.wait_quiet()
-            http_stop.set()
-    finally:
-        with trio.CancelScope(shield=True):
-            await gw.lightning.close()
-            await gw.payouts.resolver.client.aclose()
-        store.close()
+        binds: list[str] = await nursery.start(serve_http)
+        if config.admin:
+            await nursery.start(serve_admin, gw, stop)
+        url = binds[0].replace("0.0.0.0", "127.0.0.1")
+        gw.ready = True
+        log.info("RouteCat %s (%s) listening on %s", gw.version, gw.commit, url)
+        gw.url = url
+        task_status.started(gw)
+        await stop.wait()
+        gw.ready = False
+        log.info("stopping: draining in-flight jobs for up to %gs", config.drain_timeout)
+        deadline = trio.current_time() + config.drain_timeout
+        await gw.scheduler.drain(config.drain_timeout)
+        # Jobs still running past the drain time are cut (billed as DESIGN says), and
+        # their streams end with an error event; then the responses finish writing.
+        gw.scheduler.cut_all()
+        with trio.move_on_at(deadline + 2):
+            await app.wait_quiet()
+        http_stop.set()
     log.info("stopped")
 
 

@@ -107,11 +107,11 @@ async def measure_cpu(pid: int, action: Callable[[], Awaitable[Any]]) -> tuple[f
 
 async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[float, int]:
     """Settlements per second through the real write path: admission reservations,
-    then ``Billing.settle`` from many concurrent jobs (group commit, synchronous=FULL)."""
+    then ``Settlement.settle`` from many concurrent jobs (group commit, synchronous=FULL)."""
     from ledger import book
     from owlrun.protocol import Usage
     from routecat.config import load_config
-    from routecat.gateway import Gateway
+    from routecat.gateway import open_gateway
     from routecat.network.jobs import JobResult, JobSpec
     from routecat.server import open_store
 
@@ -119,51 +119,62 @@ async def bench_settlements(tmp: str, n: int, concurrency: int = 64) -> tuple[fl
         flags={"database": f"{tmp}/settle{concurrency}.db", "btc_usd": "100000"}, environ={}
     )
     store = open_store(config)
-    gw = Gateway.build(config, store)
-    await store.write(
-        lambda db: book.post(
-            db,
-            "fund",
-            "credit",
-            [book.Posting("user:1", 10**15), book.Posting(book.OPERATOR_EQUITY, -(10**15))],
+    async with open_gateway(config, store=store) as gw:
+        await store.write(
+            lambda db: book.post(
+                db,
+                "fund",
+                "credit",
+                [book.Posting("user:1", 10**15), book.Posting(book.OPERATOR_EQUITY, -(10**15))],
+            )
         )
-    )
-    specs = []
-    for i in range(n):
-        spec = JobSpec(
-            f"job{i}",
-            "chat",
-            "llama3.1:8b",
-            {"max_tokens": 2000},
-            False,
-            1,
-            2000,
-            100,
-            requested_max_tokens=2000,
-        )
-        specs.append(await gw.billing.admit(spec))
-    results = [
-        JobResult(
-            s, "done", "node_bench", "stop", Usage(50, 200), 200, 800, 1, (), time.time(), 0.5, 0.05
-        )
-        for s in specs
-    ]
-    batches = store.batches
-    queue = iter(results)
+        specs = []
+        for i in range(n):
+            spec = JobSpec(
+                f"job{i}",
+                "chat",
+                "llama3.1:8b",
+                {"max_tokens": 2000},
+                False,
+                1,
+                2000,
+                100,
+                requested_max_tokens=2000,
+            )
+            specs.append(await gw.admissions.admit(spec))
+        results = [
+            JobResult(
+                s,
+                "done",
+                "node_bench",
+                "stop",
+                Usage(50, 200),
+                200,
+                800,
+                1,
+                (),
+                time.time(),
+                0.5,
+                0.05,
+            )
+            for s in specs
+        ]
+        batches = store.batches
+        queue = iter(results)
 
-    async def settler() -> None:
-        for r in queue:
-            await gw.billing.settle(r)
+        async def settler() -> None:
+            for r in queue:
+                await gw.settlement.settle(r)
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(settler)
-    elapsed = time.perf_counter() - start
-    check = store.read_sync(book.check)
-    assert check.ok and check.transactions == n + 1, check
-    used = store.batches - batches
-    store.close()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(settler)
+        elapsed = time.perf_counter() - start
+        check = store.read_sync(book.check)
+        assert check.ok and check.transactions == n + 1, check
+        used = store.batches - batches
+        store.close()
     return n / elapsed, used
 
 

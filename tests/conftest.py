@@ -225,8 +225,8 @@ async def start_network(
 
 async def fund(gateway: Running, key: str, sats: int) -> None:
     """Credit a key from operator equity, as `routecat keys credit` does."""
-    from routecat.billing import credit
-    from routecat.keys import hash_key
+    from routecat.money.keys import hash_key
+    from routecat.money.settlement import credit
 
     def write(db: Any) -> None:
         key_id = db.execute(

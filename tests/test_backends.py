@@ -15,8 +15,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from routecat.lightning.backend import LightningError
-from routecat.lightning.remote import LndRest, Phoenixd
+from routecat.money.lightning.errors import LightningError
+from routecat.money.lightning.remote import LndRest, Phoenixd
 from tests.fakes import LnurlServer, serve_app
 
 

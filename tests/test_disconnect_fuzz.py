@@ -19,7 +19,7 @@ import httpx
 import trio
 
 from ledger import book
-from routecat.keys import hash_key
+from routecat.money.keys import hash_key
 from tests.conftest import fund, register, start_network
 from tests.fakes import Knobs
 from tests.test_money import catalog

@@ -24,7 +24,8 @@ from ledger import book
 from ledger.errors import WrongDirection
 from ledger.store import Store
 from owlrun.agent import open_gateway_socket
-from routecat.lightning.lnurl import LnurlError, parse_address
+from routecat.money.lightning.errors import LnurlError
+from routecat.money.lightning.lnurl import parse_address
 from tests.conftest import assert_error, register, start_gateway, start_network
 from tests.fakes import Knobs
 from tests.rogue import ROGUE_MODEL, rogue_node
@@ -790,8 +791,8 @@ async def test_402_says_why_the_request_could_not_be_free(
 
 
 async def test_routing_fees_have_their_own_account(tmp_path: Path) -> None:
-    from routecat.lightning.backend import Payment
-    from routecat.lightning.payouts import Due, finish_payout, hold_payout, start_payout
+    from routecat.money.lightning.backend import Payment
+    from routecat.money.lightning.payouts import Due, finish_payout, hold_payout, start_payout
     from routecat.server import open_store
 
     store = open_store(_config(tmp_path))
@@ -834,7 +835,7 @@ class StubBackend:
     calls: int = 0
 
     async def invoice_status(self, payment_hash: str) -> Any:
-        from routecat.lightning.backend import InvoiceStatus
+        from routecat.money.lightning.backend import InvoiceStatus
 
         self.calls += 1
         return InvoiceStatus(self.state)  # type: ignore[arg-type]
@@ -846,14 +847,15 @@ class StubBackend:
 async def test_topup_expires_only_on_the_backends_word_and_late_payment_counts(
     tmp_path: Path,
 ) -> None:
-    from routecat.lightning.topups import EXPIRED_GRACE, Topups
+    from routecat.clock import Clock
+    from routecat.money.lightning.topups import EXPIRED_GRACE, Topups
     from routecat.server import open_store
 
     config = _config(tmp_path)
     store = open_store(config)
     backend = StubBackend()
     clock = [1000.0]
-    topups = Topups(store, config, backend, wall=lambda: clock[0])  # type: ignore[arg-type]
+    topups = Topups(store, config, backend, clock=Clock(wall=lambda: clock[0]))  # type: ignore[arg-type]
     store.write_sync(
         lambda db: db.execute(
             "INSERT INTO topups (payment_hash, key_id, amount_msat, bolt11, backend, created_at,"
@@ -887,7 +889,7 @@ async def test_topup_expires_only_on_the_backends_word_and_late_payment_counts(
 async def test_routing_fee_over_the_cap_is_flagged(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from routecat.lightning.backend import Payment
+    from routecat.money.lightning.backend import Payment
     from tests.test_lightning import earn
 
     with trio.fail_after(60):
@@ -924,18 +926,18 @@ async def test_failing_settlement_is_kept_and_retried(
 ) -> None:
     import sqlite3
 
-    from routecat.billing import Billing
+    from routecat.money.settlement import Settlement
 
-    original = Billing._settle_write
+    original = Settlement._settle_write
     failures = [3]
 
-    def flaky(self: Billing, *args: Any) -> Any:
+    def flaky(self: Settlement, *args: Any) -> Any:
         if failures[0]:
             failures[0] -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return original(self, *args)
 
-    monkeypatch.setattr(Billing, "_settle_write", flaky)
+    monkeypatch.setattr(Settlement, "_settle_write", flaky)
     with trio.fail_after(30):
         net = await start_network(nursery, tmp_path, free_daily_requests="0")
         gw = net.gateway.gw
@@ -946,7 +948,7 @@ async def test_failing_settlement_is_kept_and_retried(
         cost = r.json()["usage"]["cost_msat"]
         assert cost > 0
         # The process stays up; the bill commits once the store works again.
-        await wait_for(lambda: failures[0] == 0 and not gw.billing._unsettled, timeout=10)
+        await wait_for(lambda: failures[0] == 0 and not gw.settlement._unsettled, timeout=10)
         assert (await balance(net))["balance_msat"] == before - cost
         assert await count(net, "SELECT COUNT(*) FROM jobs") == 1
         assert await count(net, "SELECT COUNT(*) FROM reservations") == 0

@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from ledger import book
-from routecat.lightning.backend import InvoiceRejected, LightningError, Payment, check_invoice
+from routecat.money.lightning.backend import Payment, check_invoice
+from routecat.money.lightning.errors import InvoiceRejected, LightningError
 from tests.conftest import Network, assert_error, register, start_network, start_node
 from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
 from tests.test_money import catalog, ledger_ok
@@ -125,10 +126,9 @@ async def test_unpaid_invoice_never_credits_and_paid_late_still_credits(
             late = await topup(c, 200)
             # Time passes beyond the expiry for the unpaid one.
             wallet = gw.lightning
-            real = wallet.wall  # type: ignore[attr-defined]
+            real = gw.clock.wall
             await wallet.settle_own(late["invoice"])  # type: ignore[attr-defined]
-            wallet.wall = lambda: real() + 700  # type: ignore[attr-defined]
-            gw.topups.wall = lambda: real() + 700
+            gw.clock.wall = lambda: real() + 700
             await gw.topups.reconcile()
             assert (await c.get(f"/v1/auth/topup/{never['payment_hash']}")).json()[
                 "status"
@@ -154,7 +154,7 @@ async def test_pending_invoice_paid_while_gateway_down_is_credited_on_restart(
         )
         # The payer's wallet pays while the gateway is down (the dev wallet's state is in the DB).
         from ledger.store import Store
-        from routecat.lightning.devwallet import DevWallet
+        from routecat.money.lightning.devwallet import DevWallet
 
         store = Store.open(net.gateway.config.database)
         await DevWallet(store).settle_own(body["invoice"])
@@ -200,7 +200,7 @@ async def test_payout_reaches_lightning_address_once(nursery: trio.Nursery, tmp_
         net, lnurl = await earn(nursery, tmp_path, payout_interval="3600")
         gw = net.gateway.gw
         node_id = net.nodes[0].id
-        earned = await gw.billing.earnings(node_id)
+        earned = await gw.earnings.of(node_id)
         assert earned["payable_msat"] >= 100_000
         await gw.payouts.cycle()
         assert len(lnurl.invoices) == 1
@@ -210,7 +210,7 @@ async def test_payout_reaches_lightning_address_once(nursery: trio.Nursery, tmp_
         assert bolt11.decode(pr).amount_msat == asked
         payouts = await gw.payouts.list()
         assert [p.state for p in payouts] == ["paid"]
-        after = await gw.billing.earnings(node_id)
+        after = await gw.earnings.of(node_id)
         assert after["payable_msat"] == earned["payable_msat"] % 1000
         assert after["paid_msat"] == asked
         # A second attempt for the same earnings pays nothing.
@@ -260,9 +260,9 @@ async def test_hostile_lnurl_servers_get_nothing(
         net, _lnurl = await earn(nursery, tmp_path, mode, payout_interval="3600")
         gw = net.gateway.gw
         gw.payouts.resolver.timeout = 1.0
-        before = await gw.billing.earnings(net.nodes[0].id)
+        before = await gw.earnings.of(net.nodes[0].id)
         await gw.payouts.cycle()
-        after = await gw.billing.earnings(net.nodes[0].id)
+        after = await gw.earnings.of(net.nodes[0].id)
         assert after["payable_msat"] == before["payable_msat"]  # funds held
         assert after["paid_msat"] == after["pending_msat"] == 0
         assert await gw.lightning.payment_status("0" * 64) == Payment(
@@ -275,7 +275,7 @@ async def test_hostile_lnurl_servers_get_nothing(
         # the gateway go on.
         (hold,) = await gw.payouts.holds()
         assert hold.node_id == net.nodes[0].id and message in hold.reason
-        assert hold.next_attempt_at > gw.payouts.wall()
+        assert hold.next_attempt_at > gw.clock.wall()
         async with net.gateway.client() as c:
             assert (await c.get("/healthz")).status_code == 200
             metrics = (await c.get("/metrics")).text
@@ -313,7 +313,7 @@ async def test_ambiguous_payment_is_reconciled_not_repeated(
         await gw.payouts.cycle()
         payouts = await gw.payouts.list()
         assert [p.state for p in payouts] == ["pending"]
-        earnings = await gw.billing.earnings(net.nodes[0].id)
+        earnings = await gw.earnings.of(net.nodes[0].id)
         assert earnings["pending_msat"] == payouts[0].amount_msat
         # Later cycles reconcile by payment hash: paid, and never paid a second time.
         await gw.payouts.cycle()

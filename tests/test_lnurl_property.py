@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from quart import Response
 from quart_trio import QuartTrio
 
-from routecat.lightning.lnurl import LnurlError, Resolver
+from routecat.money.lightning.errors import LnurlError
+from routecat.money.lightning.lnurl import Resolver
 from tests.fakes import serve_app
 
 json_values = st.recursive(

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from ledger import book
-from routecat.billing import billable
+from routecat.money.settlement import billable
 from routecat.network.jobs import JobResult
 from tests.conftest import Network, assert_error, fund, register, start_network, start_node
 from tests.fakes import Knobs, serve_app, start_engine
@@ -125,7 +125,7 @@ async def test_free_then_paid_billing_is_exact(nursery: trio.Nursery, tmp_path: 
             assert pricing["input_per_1m_tokens_sats"] == 1_000_000.0
         await ledger_ok(net)
         # The provider earned 95% of every job; paid ones are payable, free ones held.
-        earnings = await net.gateway.gw.billing.earnings(net.nodes[0].id)
+        earnings = await net.gateway.gw.earnings.of(net.nodes[0].id)
         assert earnings["payable_msat"] == 2 * (expected * 95 // 100)
         assert earnings["held_msat"] > 0
 
@@ -169,15 +169,15 @@ async def test_settlement_races_settle_once(nursery: trio.Nursery, tmp_path: Pat
         async with net.client() as c:
             r = await c.post("/v1/chat/completions", json=chat("race", max_tokens=2000))
         job_id = r.json()["id"]
-        billing = net.gateway.gw.billing
+        billing = net.gateway.gw.settlement
         original = await net.gateway.gw.store.read(
             lambda db: db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         )
         before = await balance(net)
         # Replay the same job's settlement as a disconnect and a node failure would, at once.
-        from routecat.billing import Admission
+        from routecat.money.admission import Admission
+        from routecat.money.pricing import Price
         from routecat.network.jobs import JobSpec
-        from routecat.pricing import Price
 
         spec = JobSpec(
             job_id,
@@ -240,7 +240,7 @@ async def test_free_tier_resets_at_midnight_utc(nursery: trio.Nursery, tmp_path:
             nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0, free_daily_requests="3"
         )
         clock = [datetime(2026, 11, 29, 23, 59, 0, tzinfo=UTC).timestamp()]
-        net.gateway.gw.billing.wall = lambda: clock[0]
+        net.gateway.gw.clock.wall = lambda: clock[0]
         async with net.client() as c:
             for _ in range(3):
                 assert (await c.post("/v1/chat/completions", json=chat("x"))).status_code == 200
@@ -329,7 +329,7 @@ async def test_cheating_and_silent_nodes(nursery: trio.Nursery, tmp_path: Path) 
         assert usage["completion_tokens"] == 6  # ceil(21 / 4)
         assert usage["completion_tokens"] < len(b"You said: hello there") + 1
         assert net.gateway.gw.registry.nodes[silent.id].reputation < 1.0
-        earned = await net.gateway.gw.billing.earnings(silent.id)
+        earned = await net.gateway.gw.earnings.of(silent.id)
         assert earned["earned_msat"] == usage["cost_msat"] * 95 // 100
 
 
@@ -360,13 +360,13 @@ async def test_subsidy_budget_stops_self_dealing(nursery: trio.Nursery, tmp_path
         )
         assert spent <= 100_000
         node = net.nodes[0].id
-        earnings = await gw.billing.earnings(node)
+        earnings = await gw.earnings.of(node)
         assert earnings["earned_msat"] > 0
         assert earnings["payable_msat"] == 0  # all of it is in probation
         assert earnings["held_msat"] == earnings["earned_msat"]
-        real_wall = gw.billing.wall
-        gw.billing.wall = lambda: real_wall() + 7 * 86400 + 1
-        after = await gw.billing.earnings(node)
+        real_wall = gw.clock.wall
+        gw.clock.wall = lambda: real_wall() + 7 * 86400 + 1
+        after = await gw.earnings.of(node)
         assert after["payable_msat"] == earnings["earned_msat"]
         assert after["held_msat"] == 0
         await ledger_ok(net)
@@ -380,7 +380,7 @@ async def test_price_feed_against_misbehaving_sources(
 
     from routecat.config import load_config
     from routecat.metrics import Metrics
-    from routecat.pricing import RateFeed
+    from routecat.money.rates import RateFeed
 
     answers: dict[str, Any] = {}
     app = QuartTrio("sources")
@@ -452,7 +452,7 @@ async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_pat
             r = await c.post("/v1/chat/completions", json=chat("x"))
             assert_error(r, 503, "pricing_unavailable")  # no rate ever known: nothing runs
             gw.rates.rate = Decimal("100000")
-            gw.rates.fetched_at = gw.rates.wall() - 3600  # an hour old: stale
+            gw.rates.fetched_at = gw.clock.wall() - 3600  # an hour old: stale
             r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
             assert r.status_code == 200  # free requests may use the last known rate
             assert r.headers["X-RouteCat-Free"] == "1"
@@ -460,7 +460,7 @@ async def test_stale_rate_refuses_paid_keeps_free(nursery: trio.Nursery, tmp_pat
             assert_error(r, 503, "pricing_unavailable")  # the free one is used: paid
             stats = (await c.get("/v1/stats")).json()
             assert stats["btc_usd_age_s"] >= 3600
-            gw.rates.fetched_at = gw.rates.wall()
+            gw.rates.fetched_at = gw.clock.wall()
             assert (
                 await c.post("/v1/chat/completions", json=chat("x", max_tokens=2000))
             ).status_code == 200

@@ -32,7 +32,7 @@ def register_accounts(app: App, gw: Gateway) -> None:
     async def balance() -> Response:
         key = await gw.keys.authenticate(request.headers.get("Authorization"))
         gw.read_limit.acquire_nowait(f"key:{key.id}")
-        return json_response(await gw.billing.balance(key.id))
+        return json_response(await gw.admissions.balance(key.id))
 
     @app.post("/v1/auth/topup")
     async def topup() -> Response:

@@ -33,7 +33,7 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
 
     @app.get("/nodes")
     async def nodes() -> Response:
-        now = gw.registry.clock()
+        now = gw.clock.monotonic()
         return json_response(
             {
                 "nodes": [n.describe(now) for n in gw.registry.nodes.values()],
@@ -52,8 +52,8 @@ def create_admin_app(gw: Gateway) -> QuartTrio:
 
     @app.post("/wallet/pay")
     async def wallet_pay() -> Response:
-        from routecat.lightning.backend import InvoiceRejected
-        from routecat.lightning.devwallet import DevWallet
+        from routecat.money.lightning.devwallet import DevWallet
+        from routecat.money.lightning.errors import InvoiceRejected
 
         if not isinstance(gw.lightning, DevWallet):
             raise InvalidRequest("only the dev wallet can pay invoices from the command line")

@@ -123,7 +123,7 @@ def create_app(gw: Gateway) -> App:
 
     @app.websocket(WS_PATH)
     async def node_socket() -> None:
-        await serve_node_websocket(gw.registry, gw.config, gw.billing.mark_dirty)
+        await serve_node_websocket(gw.registry, gw.config, gw.earnings.mark_dirty)
 
     register_public(app, gw)
     register_accounts(app, gw)

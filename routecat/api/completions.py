@@ -26,8 +26,8 @@ from routecat.api.http import json_response, on_exchange_end, read_json
 from routecat.api.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
 from routecat.gateway import Gateway
 from routecat.network.jobs import Bill, Event, Failure, Final, JobKind, JobSpec, mint_job_id
+from routecat.network.measure import measure_prompt
 from routecat.network.scheduler import JobHandle
-from routecat.usage import measure_prompt
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -71,7 +71,7 @@ async def open_job(
     if isinstance(body, CompletionRequest) and body.echo:
         raise errors.InvalidRequest("echo is not supported", param="echo")
     gw.scheduler.check_model(body.model)
-    max_tokens = gw.billing.applied_max_tokens(body.model, body.requested_max_tokens)
+    max_tokens = gw.admissions.applied_max_tokens(body.model, body.requested_max_tokens)
     wire = wire_request(body, max_tokens)
     prompt = measure_prompt(kind, wire)
     spec = JobSpec(
@@ -90,14 +90,14 @@ async def open_job(
     # shielded, so that a client leaving meanwhile is noticed in ``submit`` below,
     # which gives the reservation and the free request back.
     with trio.CancelScope(shield=True):
-        spec = await gw.admit(spec)
+        spec = await gw.admissions.admit(spec)
     try:
         handle = await gw.scheduler.submit(spec)
     except BaseException:
         # No job started (404/503, or the client left while queued): give the
         # reservation and the free request back, even while being cancelled.
         with trio.move_on_after(10, shield=True):
-            await gw.release(spec)
+            await gw.admissions.release(spec)
         raise
     # Whatever ends the HTTP exchange (the response sent, the client gone at any
     # moment, even before the response starts), the job is cancelled if still running.

@@ -8,11 +8,11 @@ the keys active within one window.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 
 import attrs
+import trio
 
 from routecat.errors import RateLimited
 
@@ -22,7 +22,7 @@ class SlidingWindow:
     limit: int
     window: float
     what: str = "requests"
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = trio.current_time
     _hits: dict[str, deque[float]] = attrs.field(factory=dict)
     _calls: int = 0
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -21,6 +19,7 @@ import trio
 
 from ledger.store import Connection, Store
 from owlrun.protocol import Hello, ModelInfo
+from routecat.clock import Clock
 from routecat.db import nodes as stored
 from routecat.metrics import Metrics
 from routecat.network.link import NodeLink
@@ -40,21 +39,19 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 @attrs.define(eq=False)
 class Registry:
     """Online nodes, their models, and which models the network has seen lately."""
 
     store: Store
     metrics: Metrics
-    clock: Callable[[], float] = trio.current_time
-    wall: Callable[[], float] = time.time
+    clock: Clock = attrs.Factory(Clock)
     nodes: dict[str, NodeLink] = attrs.Factory(dict)
     model_seen: dict[str, float] = attrs.Factory(dict)
     catalog_models: frozenset[str] = frozenset()
+    # Why a payout address cannot be used (None: it can); the money layer supplies the
+    # Lightning Address rules, so the network layer does not depend on it.
+    address_problem: Callable[[str], str | None] = lambda address: None
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def load(self) -> None:
@@ -85,11 +82,11 @@ class Registry:
         if model in self.catalog_models or self.serving(model):
             return True
         seen = self.model_seen.get(model)
-        return seen is not None and self.wall() - seen < KNOWN_FOR
+        return seen is not None and self.clock.wall() - seen < KNOWN_FOR
 
     def pick(self, model: str, exclude: Iterable[str] = ()) -> NodeLink | None:
         """The best node with a free slot: least loaded, then fastest, then most reputable."""
-        now = self.clock()
+        now = self.clock.monotonic()
         excluded = set(exclude)
         best: NodeLink | None = None
         best_score = 0.0
@@ -104,7 +101,7 @@ class Registry:
         return best
 
     async def remember_models(self, models: Iterable[str]) -> None:
-        now = self.wall()
+        now = self.clock.wall()
         names = list(models)
         for name in names:
             self.model_seen[name] = now
@@ -119,7 +116,7 @@ class Registry:
 
         def check(db: Connection) -> str | None:
             known = stored.node(db, hello.node_id)
-            now = now_iso()
+            now = self.clock.now_iso()
             settings = (hello.name, hello.payout_address, hello.payout_threshold_sats, now)
             if known is None:
                 stored.insert_node(db, hello.node_id, digest, *settings)

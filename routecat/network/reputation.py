@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Callable
 
 import attrs
-import trio
 
 from owlrun.protocol import Usage
+from routecat.clock import Clock
+from routecat.network.measure import DEFAULT_BYTES_PER_TOKEN
 from routecat.network.registry import Registry
-from routecat.usage import DEFAULT_BYTES_PER_TOKEN
 
 SAMPLES = 200
 OUTLIER = 1.5  # reported/observed more than 1.5x the network's median is an outlier
@@ -35,7 +34,7 @@ COOLDOWN = 60.0
 @attrs.define(eq=False)
 class Reputation:
     registry: Registry
-    clock: Callable[[], float] = trio.current_time
+    clock: Clock = attrs.Factory(Clock)
     # model -> recent bytes per reported completion token (honest, in-bounds reports)
     _bpt: dict[str, deque[float]] = attrs.Factory(dict)
     # (node, model) -> recent reported tokens per delivered byte
@@ -110,4 +109,4 @@ class Reputation:
             self.penalties[node_id] = self.penalties.get(node_id, 0) + 1
         node = self.registry.nodes.get(node_id)
         if node is not None:
-            node.judged(reason, self.clock(), COOLDOWN)
+            node.judged(reason, self.clock.monotonic(), COOLDOWN)

@@ -16,16 +16,16 @@ import contextlib
 import logging
 import math
 import string
-import time
-from collections.abc import Callable
 
 import attrs
 import trio
 
 from owlrun.protocol import Chunk, Chunks, Done, Job, JobError
+from routecat.clock import Clock
 from routecat.config import Config
 from routecat.errors import RequestError, ServiceUnavailable, UpstreamError
 from routecat.metrics import Metrics
+from routecat.network.errors import NodeFailed
 from routecat.network.jobs import (
     Bill,
     CompletionHook,
@@ -37,25 +37,14 @@ from routecat.network.jobs import (
     Outcome,
 )
 from routecat.network.link import Attempt, NodeLink
+from routecat.network.measure import delta_bytes
 from routecat.network.registry import Registry
-from routecat.usage import delta_bytes
 
 log = logging.getLogger("routecat.scheduler")
 
 _ALPHABET = string.ascii_letters + string.digits
 SETTLE_TIMEOUT = 30.0
 CLIENT_STALL_TIMEOUT = 300.0
-
-
-class _NodeFailed(Exception):
-    def __init__(
-        self, reason: str, retryable: bool, blame: bool = True, outcome: Outcome = "node_failed"
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
-        self.blame = blame
-        self.outcome = outcome
 
 
 @attrs.define(eq=False)
@@ -99,7 +88,7 @@ class Scheduler:
     registry: Registry
     metrics: Metrics
     on_complete: CompletionHook
-    clock: Callable[[], float] = trio.current_time
+    clock: Clock = attrs.Factory(Clock)
     jobs: dict[str, JobHandle] = attrs.Factory(dict)
     accepting: bool = True
     waiting: int = 0
@@ -152,7 +141,7 @@ class Scheduler:
             raise ServiceUnavailable(
                 f"no node serving '{spec.model}' is online right now", retry_after=10
             )
-        now = self.clock()
+        now = self.clock.monotonic()
         if all(n.cooldown_until > now for n in eligible):
             # Waiting cannot help before a cooldown ends: say so at once.
             wait = min(n.cooldown_until for n in eligible) - now
@@ -195,7 +184,7 @@ class Scheduler:
         """Admit the job (or raise 404/503) and start it; the caller owns the handle."""
         self.check_model(spec.model)
         assert self._nursery is not None, "scheduler not running"
-        attempt = await self._acquire(spec, [], self.clock() + self.config.queue_timeout)
+        attempt = await self._acquire(spec, [], self.clock.monotonic() + self.config.queue_timeout)
         send, receive = trio.open_memory_channel[Event](64)
         handle = JobHandle(spec, receive, send)
         self.jobs[spec.job_id] = handle
@@ -208,8 +197,8 @@ class Scheduler:
     async def _run(self, handle: JobHandle, attempt: Attempt) -> None:
         spec = handle.spec
         progress = _Progress()
-        started_wall = time.time()
-        started = self.clock()
+        started_wall = self.clock.wall()
+        started = self.clock.monotonic()
         try:
             with handle.scope:
                 await self._attempts(handle, attempt, progress, started)
@@ -228,7 +217,7 @@ class Scheduler:
                     attempts=progress.attempts,
                     failed_nodes=tuple(progress.failed_nodes),
                     started_at=started_wall,
-                    duration=self.clock() - started,
+                    duration=self.clock.monotonic() - started,
                     ttft=None
                     if progress.first_token_at is None
                     else progress.first_token_at - started,
@@ -295,13 +284,13 @@ class Scheduler:
             job = Job(job_id=spec.job_id, kind=spec.kind, model=spec.model, request=spec.request)
             try:
                 if not attempt.node.send_nowait(job):
-                    raise _NodeFailed("node went away", retryable=True)
+                    raise NodeFailed("node went away", retryable=True)
                 progress.dispatched = True
                 await self._pump(handle, attempt, progress)
                 self._succeeded(attempt.node, progress, started)
                 progress.outcome = "done"
                 return
-            except _NodeFailed as failure:
+            except NodeFailed as failure:
                 node = attempt.node
                 if not progress.chunks and failure.outcome != "client_gone":
                     progress.dispatched = False  # refused or failed: nothing was served
@@ -320,14 +309,14 @@ class Scheduler:
                     return
                 try:
                     attempt = await self._acquire(
-                        spec, progress.failed_nodes, max(deadline, self.clock() + 5)
+                        spec, progress.failed_nodes, max(deadline, self.clock.monotonic() + 5)
                     )
                 except ServiceUnavailable as exc:
                     progress.outcome = "no_capacity"
                     await self._emit(handle, Failure(exc))
                     return
 
-    async def _fail(self, handle: JobHandle, progress: _Progress, failure: _NodeFailed) -> None:
+    async def _fail(self, handle: JobHandle, progress: _Progress, failure: NodeFailed) -> None:
         if progress.chunks:
             error: RequestError = UpstreamError(
                 f"the provider node failed after output started: {failure.reason}"
@@ -374,18 +363,18 @@ class Scheduler:
                 except trio.EndOfChannel:
                     if attempt.client_slow:
                         handle.cancel_reason = handle.cancel_reason or "client_gone"
-                        raise _NodeFailed(
+                        raise NodeFailed(
                             attempt.failure or "client not reading",
                             retryable=False,
                             blame=False,
                             outcome="client_gone",
                         ) from None
-                    raise _NodeFailed(
+                    raise NodeFailed(
                         attempt.failure or "node disconnected", retryable=True
                     ) from None
             if timer.cancelled_caught:
                 which = "first-token" if first else "inter-token"
-                raise _NodeFailed(
+                raise NodeFailed(
                     f"{which} timeout ({timeout:g}s)", retryable=True, outcome="timeout"
                 )
             if isinstance(frame, Chunk | Chunks):
@@ -393,7 +382,7 @@ class Scheduler:
                     if delta.is_empty():
                         continue
                     if first:
-                        progress.first_token_at = self.clock()
+                        progress.first_token_at = self.clock.monotonic()
                         first = False
                     progress.chunks += 1
                     progress.bytes += delta_bytes(delta)
@@ -405,14 +394,14 @@ class Scheduler:
                 progress.done = frame
                 return
             elif isinstance(frame, JobError):
-                raise _NodeFailed(
+                raise NodeFailed(
                     f"node reported: {frame.message[:200]}",
                     retryable=frame.retryable,
                     blame=not frame.retryable,
                 )
 
     def _succeeded(self, node: NodeLink, progress: _Progress, started: float) -> None:
-        now = self.clock()
+        now = self.clock.monotonic()
         ttft = None if progress.first_token_at is None else progress.first_token_at - started
         tokens = (
             progress.done.usage.completion_tokens if progress.done and progress.done.usage else None
@@ -421,5 +410,5 @@ class Scheduler:
         node.succeeded(ttft, tokens or progress.chunks, generating)
 
     def _cool_down(self, node: NodeLink, reason: str) -> None:
-        pause = node.failed(self.clock())
+        pause = node.failed(self.clock.monotonic())
         log.info("node %s cooling down %.0fs after: %s", node.id, pause, reason)

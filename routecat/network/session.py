@@ -43,7 +43,6 @@ from owlrun.protocol import (
     encode,
 )
 from routecat.config import Config
-from routecat.lightning.lnurl import LnurlError, parse_address
 from routecat.network.link import NativeLink
 from routecat.network.registry import NODE_ID, Registry, models_ok
 
@@ -61,7 +60,7 @@ class Transport:
     close: Callable[[int, str], Awaitable[None]]
 
 
-def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
+def _check_hello(hello: Hello, node_header: str, registry: Registry) -> str | None:
     if hello.protocol_version < MIN_PROTOCOL_VERSION:
         return (
             f"protocol version {hello.protocol_version} is not supported"
@@ -74,10 +73,9 @@ def _check_hello(hello: Hello, node_header: str, config: Config) -> str | None:
     if not models_ok(hello.models):
         return "too many models or a malformed model name"
     if hello.payout_address:
-        try:
-            parse_address(hello.payout_address)
-        except LnurlError as exc:
-            return f"payout address {hello.payout_address[:80]!r} is not a Lightning Address: {exc}"
+        why = registry.address_problem(hello.payout_address)
+        if why is not None:
+            return f"payout address {hello.payout_address[:80]!r} is not a Lightning Address: {why}"
     for field, value in (("name", hello.name), ("agent_version", hello.agent_version)):
         # Shown to operators in terminals and pages: printable text only.
         if len(value) > 64 or not value.isprintable():
@@ -113,7 +111,7 @@ async def serve_node_session(
     if not isinstance(hello, Hello):
         await _refuse(transport, f"expected a hello frame first, got {hello.type}")
         return
-    problem = _check_hello(hello, node_header, config)
+    problem = _check_hello(hello, node_header, registry)
     if problem is None and len(secret) < 16:
         problem = "missing or short X-Owlrun-Secret header"
     if problem is None:
@@ -122,11 +120,11 @@ async def serve_node_session(
         await _refuse(transport, problem)
         return
 
-    now = registry.clock()
+    now = registry.clock.monotonic()
     send, outgoing = trio.open_memory_channel[Message](OUTBOX_SIZE)
     link = NativeLink(
         protocol_version=min(hello.protocol_version, PROTOCOL_VERSION),
-        clock=registry.clock,
+        clock=registry.clock.monotonic,
         id=hello.node_id,
         name=hello.name,
         agent_version=hello.agent_version,
@@ -197,7 +195,7 @@ async def _receive_loop(
         if timer.cancelled_caught:
             link.close(f"no heartbeat for {silence:g}s")
             return
-        link.last_seen = registry.clock()
+        link.last_seen = registry.clock.monotonic()
         if len(frame) > config.max_frame_bytes:
             link.close("frame over the size limit")
             return

@@ -159,7 +159,7 @@ def create_web(gw: Gateway) -> Blueprint:
                 denied = True
         summary = None
         if node_id:
-            now = gw.billing.wall()
+            now = gw.clock.wall()
             summary = await gw.store.read(lambda db: node_summary(db, node_id, now))
         return await page(
             "providers.html",

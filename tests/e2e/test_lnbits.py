@@ -128,13 +128,13 @@ async def test_provider_paid_to_its_lnbits_lightning_address(
                     await c.post("/v1/chat/completions", json=chat(f"job {i}", max_tokens=2000))
                 ).status_code == 200
         gw = net.gateway.gw
-        earned = await gw.billing.earnings(node.id)
+        earned = await gw.earnings.of(node.id)
         amount = earned["payable_msat"] // 1000 * 1000
         assert amount >= 100_000
         await gw.payouts.cycle()
         assert [p.state for p in await gw.payouts.list()] == ["paid"]
         assert await trio.to_thread.run_sync(lnbits.balance_msat, provider) == amount
-        after = await gw.billing.earnings(node.id)
+        after = await gw.earnings.of(node.id)
         assert after["paid_msat"] == amount
         assert after["payable_msat"] == earned["payable_msat"] - amount
         # A second attempt for the same earnings pays nothing.

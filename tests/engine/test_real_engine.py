@@ -234,7 +234,8 @@ async def test_real_engine_counts_stay_within_the_bounds(
 ) -> None:
     """DESIGN section 3: an honest engine never exceeds the prompt and completion bounds,
     so its node is never penalised; checked against llama.cpp's own counts."""
-    from routecat.usage import completion_bound, measure_prompt
+    from routecat.money.usage import completion_bound
+    from routecat.network.measure import measure_prompt
 
     body = {"model": SMOL, "temperature": 0, "seed": 1, "max_tokens": 48, **case}
     with trio.fail_after(300):

@@ -9,6 +9,7 @@ import trio
 from ledger import book
 from ledger.store import Store, run_inline
 from owlrun.protocol import Hardware, Message, ModelInfo
+from routecat.clock import Clock
 from routecat.db import schema
 from routecat.metrics import Metrics
 from routecat.network.link import NativeLink
@@ -23,8 +24,8 @@ def memory_store() -> Store:
     return store
 
 
-def registry() -> Registry:
-    return Registry(memory_store(), Metrics())
+def registry(clock: Clock | None = None) -> Registry:
+    return Registry(memory_store(), Metrics(), clock=clock or Clock())
 
 
 @attrs.define(eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from routecat.clock import Clock
 from routecat.network.registry import KNOWN_FOR
 from tests.unit.network.fakes import add_node, registry
 
@@ -32,9 +33,8 @@ async def test_pick_prefers_free_fast_reputable_nodes_and_skips_cooling_ones(
 
 
 async def test_a_model_stays_known_for_a_day_after_its_last_node_left(autojump_clock) -> None:
-    reg = registry()
     now = [1_000_000.0]
-    reg.wall = lambda: now[0]
+    reg = registry(Clock(wall=lambda: now[0]))
     node = add_node(reg, "a", models=("gone-soon",))
     await reg.remember_models(["gone-soon"])
     del reg.nodes["a"]

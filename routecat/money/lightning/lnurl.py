@@ -24,18 +24,15 @@ import attrs
 import httpx
 import trio
 
-from routecat.lightning.backend import InvoiceRejected, check_invoice
+from routecat.money.lightning.backend import check_invoice
+from routecat.money.lightning.errors import InvoiceRejected, LnurlError, map_exceptions
 
-log = logging.getLogger("routecat.lightning.lnurl")
+log = logging.getLogger("routecat.money.lightning.lnurl")
 
 USER = re.compile(r"[a-z0-9._+-]{1,64}")
 LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_BYTES = 64 * 1024
 TIMEOUT = 10.0
-
-
-class LnurlError(Exception):
-    """The address could not be resolved to an acceptable invoice; nothing was paid."""
 
 
 def parse_address(address: str) -> tuple[str, str]:
@@ -54,6 +51,15 @@ def parse_address(address: str) -> tuple[str, str]:
     if labels[-1].isdigit():
         raise LnurlError("the domain must be a DNS name, not an IP address")
     return user, domain
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not a Lightning Address, or None if it is one."""
+    try:
+        parse_address(address)
+    except LnurlError as exc:
+        return str(exc)
+    return None
 
 
 @attrs.frozen
@@ -127,7 +133,7 @@ class Resolver:
         headers = {"Host": authority, "Accept": "application/json"}
         extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout), map_exceptions(host, LnurlError):
                 async with self.client.stream(
                     "GET", target, headers=headers, extensions=extensions
                 ) as response:
@@ -138,8 +144,6 @@ class Resolver:
                             raise LnurlError("LNURL response too large")
         except trio.TooSlowError:
             raise LnurlError(f"{host} did not answer within {self.timeout:g}s") from None
-        except httpx.HTTPError as exc:
-            raise LnurlError(f"{host}: {type(exc).__name__}") from None
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):

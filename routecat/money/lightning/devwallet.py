@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
-from collections.abc import Callable
 
 import attrs
 import bolt11
@@ -22,27 +20,22 @@ from bolt11.models.tags import TagChar, Tags
 from coincurve import PrivateKey
 
 from ledger.store import Connection, Store
+from routecat.clock import Clock
 from routecat.db import devwallet as stored
-from routecat.lightning.backend import (
-    Invoice,
-    InvoiceRejected,
-    InvoiceStatus,
-    LightningError,
-    Payment,
-    check_invoice,
-)
+from routecat.money.lightning.backend import Invoice, InvoiceStatus, Payment, check_invoice
+from routecat.money.lightning.errors import InvoiceRejected, LightningError
 
 
 @attrs.define(eq=False)
 class DevWallet:
     store: Store
-    wall: Callable[[], float] = time.time
+    clock: Clock = attrs.Factory(Clock)
     name: str = "dev"
     network: str = "regtest"
     _key: PrivateKey = attrs.Factory(PrivateKey)
 
     async def create_invoice(self, amount_msat: int, memo: str, expiry: int) -> Invoice:
-        now = self.wall()
+        now = self.clock.wall()
         preimage = secrets.token_bytes(32)
         payment_hash = hashlib.sha256(preimage).hexdigest()
         tags = Tags()
@@ -72,7 +65,7 @@ class DevWallet:
             raise LightningError(f"the dev wallet has no invoice {payment_hash}")
         if found.paid_at is not None:
             return InvoiceStatus("paid", found.amount_msat)
-        if found.expires_at <= self.wall():
+        if found.expires_at <= self.clock.wall():
             return InvoiceStatus("expired")
         return InvoiceStatus("pending")
 
@@ -82,7 +75,7 @@ class DevWallet:
             decoded = bolt11.decode(pr)
         except Exception:  # any decoding failure
             raise InvoiceRejected("not a valid BOLT11 invoice") from None
-        now = self.wall()
+        now = self.clock.wall()
 
         def write(db: Connection) -> str:
             found = stored.invoice(db, decoded.payment_hash)
@@ -98,13 +91,13 @@ class DevWallet:
         return await self.store.write(write)
 
     async def pay_invoice(self, pr: str, max_fee_msat: int) -> Payment:
-        decoded = check_invoice(pr, _amount(pr), self.network, self.wall())
+        decoded = check_invoice(pr, _amount(pr), self.network, self.clock.wall())
         amount = int(decoded.amount_msat or 0)
         balance = await self.balance_msat()
         payment_hash = str(decoded.payment_hash)
         if amount > balance:
             return Payment("failed", payment_hash, reason="insufficient balance in the dev wallet")
-        now = self.wall()
+        now = self.clock.wall()
 
         def write(db: Connection) -> Payment:
             if stored.payment(db, payment_hash) is not None:

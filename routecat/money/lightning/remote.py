@@ -9,24 +9,17 @@ are never logged.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import ssl
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import bolt11
 import httpx
 
-from routecat.lightning.backend import (
-    NETWORKS_BY_PREFIX,
-    Invoice,
-    InvoiceStatus,
-    LightningError,
-    Payment,
-)
+from routecat.money.lightning.backend import NETWORKS_BY_PREFIX, Invoice, InvoiceStatus, Payment
+from routecat.money.lightning.errors import LightningError, map_exceptions
 
 DEFINITE = {401, 403, 404, 405}
 TIMEOUT = httpx.Timeout(20.0, connect=10.0)
@@ -35,17 +28,6 @@ TIMEOUT = httpx.Timeout(20.0, connect=10.0)
 def _network_of(pr: str) -> str:
     currency = bolt11.decode(pr).currency
     return NETWORKS_BY_PREFIX.get(currency, currency)
-
-
-@contextlib.contextmanager
-def map_exceptions(what: str) -> Iterator[None]:
-    """httpx's transport errors as ``LightningError`` (no definite answer: pending, and
-    reconciled later), named by ``what`` and the error's type, never its text (which may
-    hold a URL)."""
-    try:
-        yield
-    except httpx.HTTPError as exc:
-        raise LightningError(f"{what}: {type(exc).__name__}") from None
 
 
 async def _json(response: httpx.Response, what: str) -> Any:

@@ -14,19 +14,13 @@ from typing import Literal, Protocol
 import attrs
 import bolt11
 
+from routecat.money.lightning.errors import InvoiceRejected
+
 InvoiceState = Literal["pending", "paid", "expired"]
 PaymentState = Literal["pending", "paid", "failed"]
 
 NETWORK_PREFIXES = {"bitcoin": "bc", "testnet": "tb", "signet": "tbs", "regtest": "bcrt"}
 NETWORKS_BY_PREFIX = {prefix: network for network, prefix in NETWORK_PREFIXES.items()}
-
-
-class LightningError(Exception):
-    """A backend call that did not give a definite answer (treat as pending)."""
-
-
-class InvoiceRejected(Exception):
-    """An invoice we were asked to pay fails a check: never pay it."""
 
 
 @attrs.frozen

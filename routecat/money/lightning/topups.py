@@ -14,8 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,12 +22,14 @@ import trio
 
 from ledger import book
 from ledger.store import Connection, Store
+from routecat.clock import Clock
 from routecat.config import Config
 from routecat.db import topups as stored
 from routecat.errors import InvalidRequest, NotFound, ServiceUnavailable
-from routecat.lightning.backend import Backend, LightningError
+from routecat.money.lightning.backend import Backend
+from routecat.money.lightning.errors import LightningError
 
-log = logging.getLogger("routecat.lightning.topups")
+log = logging.getLogger("routecat.money.lightning.topups")
 
 # After expiry, keep asking the backend this long before accepting "expired".
 EXPIRED_GRACE = 120.0
@@ -67,7 +67,7 @@ class Topups:
     store: Store
     config: Config
     backend: Backend
-    wall: Callable[[], float] = time.time
+    clock: Clock = attrs.Factory(Clock)
     poll_interval: float = 2.0
     credited: int = 0
     _wake: trio.Event = attrs.Factory(trio.Event)
@@ -93,7 +93,7 @@ class Topups:
                 "the Lightning backend could not create an invoice; try again shortly",
                 retry_after=10,
             ) from None
-        now = self.wall()
+        now = self.clock.wall()
 
         record = stored.Topup(
             payment_hash=invoice.payment_hash,
@@ -149,7 +149,7 @@ class Topups:
                 "top-up %s: backend gave no answer (%s); still pending", payment_hash[:16], detail
             )
             return "pending"
-        now = self.wall()
+        now = self.clock.wall()
         if status.state == "paid":
             if await self.store.write(lambda db: credit_topup(db, payment_hash, now)):
                 self.credited += 1
@@ -170,7 +170,7 @@ class Topups:
         """Check every pending top-up (also those past expiry: paid late is still paid),
         and with ``expired_too`` those that expired in the last ``LATE_WINDOW`` seconds,
         so that a payment the backend reports late is still credited, once."""
-        since = self.wall() - LATE_WINDOW if expired_too else None
+        since = self.clock.wall() - LATE_WINDOW if expired_too else None
         paid = 0
         for payment_hash in await self.store.read(lambda db: stored.unsettled(db, since)):
             if await self.check(payment_hash) == "paid":
@@ -182,14 +182,14 @@ class Topups:
         seconds while invoices are pending."""
         await self._reconcile_safely(expired_too=True)
         task_status.started()
-        last_late_check = self.wall()
+        last_late_check = self.clock.wall()
         while True:
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
             self._wake = trio.Event()
-            late = self.wall() - last_late_check >= LATE_INTERVAL
+            late = self.clock.wall() - last_late_check >= LATE_INTERVAL
             if late:
-                last_late_check = self.wall()
+                last_late_check = self.clock.wall()
             await self._reconcile_safely(expired_too=late)
 
     async def _reconcile_safely(self, *, expired_too: bool) -> None:

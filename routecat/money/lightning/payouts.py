@@ -21,8 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 import attrs
 import bolt11
@@ -30,15 +28,17 @@ import trio
 
 from ledger import book
 from ledger.store import Connection, Store
+from routecat.clock import Clock
 from routecat.config import Config
 from routecat.db import nodes
 from routecat.db import payouts as stored
 from routecat.db.payouts import PayoutHold, PayoutRecord
-from routecat.lightning.backend import Backend, InvoiceRejected, LightningError, Payment
-from routecat.lightning.lnurl import LnurlError, Resolver
 from routecat.metrics import Metrics
+from routecat.money.lightning.backend import Backend, Payment
+from routecat.money.lightning.errors import InvoiceRejected, LightningError, LnurlError
+from routecat.money.lightning.lnurl import Resolver
 
-log = logging.getLogger("routecat.lightning.payouts")
+log = logging.getLogger("routecat.money.lightning.payouts")
 
 RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
@@ -143,11 +143,11 @@ class Payouts:
     backend: Backend
     resolver: Resolver
     metrics: Metrics
-    wall: Callable[[], float] = time.time
+    clock: Clock = attrs.Factory(Clock)
     paid: int = 0
 
     async def due(self) -> list[Due]:
-        now = self.wall()
+        now = self.clock.wall()
 
         def read(db: Connection) -> list[Due]:
             out = []
@@ -184,7 +184,7 @@ class Payouts:
                 )
 
     async def _finish(self, payout_id: int, payment: Payment) -> None:
-        now = self.wall()
+        now = self.clock.wall()
         if not isinstance(payment.fee_msat, int) or not 0 <= payment.fee_msat <= 10**12:
             payment = attrs.evolve(payment, fee_msat=0)  # a backend's nonsense fee: not booked
         outcome = await self.store.write(lambda db: finish_payout(db, payout_id, payment, now))
@@ -197,7 +197,7 @@ class Payouts:
             )
 
     async def _hold(self, due: Due, stage: str, reason: str) -> None:
-        now = self.wall()
+        now = self.clock.wall()
         self.metrics.payout_failures.labels(stage).inc()
         retry_at = await self.store.write(lambda db: hold_payout(db, due.node_id, reason, now))
         log.warning(
@@ -219,7 +219,7 @@ class Payouts:
         except Exception as exc:
             await self._hold(due, "resolve", describe_error(exc))
             return "unresolved"
-        now = self.wall()
+        now = self.clock.wall()
         payout_id = await self.store.write(lambda db: start_payout(db, due, payment_hash, pr, now))
         if payout_id is None:
             return "skipped"

@@ -11,13 +11,11 @@ import hashlib
 import re
 import secrets
 import string
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 
 import attrs
 
 from ledger.store import Connection, Store
+from routecat.clock import Clock
 from routecat.db import keys as stored
 from routecat.db.keys import ApiKey
 from routecat.errors import InvalidApiKey, InvalidRequest
@@ -35,10 +33,6 @@ def mint_key() -> str:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("ascii")).hexdigest()
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def clean_name(name: str) -> str:
@@ -69,8 +63,8 @@ def parse_bearer(header: str | None) -> str:
     return token
 
 
-def insert_key(db: Connection, name: str, key: str) -> ApiKey:
-    return stored.insert_key(db, hash_key(key), key[:PREFIX_LENGTH], name, now_iso())
+def insert_key(db: Connection, name: str, key: str, at: str) -> ApiKey:
+    return stored.insert_key(db, hash_key(key), key[:PREFIX_LENGTH], name, at)
 
 
 CACHE_TTL = 30.0
@@ -87,7 +81,7 @@ class KeyRing:
     """
 
     store: Store
-    clock: Callable[[], float] = time.monotonic
+    clock: Clock = attrs.Factory(Clock)
     _cache: dict[str, tuple[ApiKey, float]] = attrs.Factory(dict)
 
     def invalidate(self) -> None:
@@ -96,13 +90,14 @@ class KeyRing:
     async def register(self, name: str) -> tuple[ApiKey, str]:
         name = clean_name(name)
         key = mint_key()
-        record = await self.store.write(lambda db: insert_key(db, name, key))
+        at = self.clock.now_iso()
+        record = await self.store.write(lambda db: insert_key(db, name, key, at))
         return record, key
 
     async def authenticate(self, header: str | None) -> ApiKey:
         key = parse_bearer(header)
         digest = hash_key(key)
-        now = self.clock()
+        now = self.clock.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
@@ -137,7 +132,7 @@ def find_by_prefix(db: Connection, prefix: str) -> ApiKey:
 def revoke_key(store: Store, prefix: str) -> ApiKey:
     def revoke(db: Connection) -> ApiKey:
         record = find_by_prefix(db, prefix)
-        stored.revoke_key(db, record.id, now_iso())
+        stored.revoke_key(db, record.id, Clock().now_iso())
         return attrs.evolve(record, revoked=True)
 
     return store.write_sync(revoke)

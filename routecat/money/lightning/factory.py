@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from ledger.store import Store
+from routecat.clock import Clock
 from routecat.config import Config
 from routecat.errors import ConfigError
-from routecat.lightning.backend import Backend
-from routecat.lightning.devwallet import DevWallet
-from routecat.lightning.remote import LNbits, LndRest, Phoenixd, lnd_client
+from routecat.money.lightning.backend import Backend
+from routecat.money.lightning.devwallet import DevWallet
+from routecat.money.lightning.remote import LNbits, LndRest, Phoenixd, lnd_client
 
 
-def make_backend(config: Config, store: Store) -> Backend:
+def make_backend(config: Config, store: Store, clock: Clock) -> Backend:
     kind = config.lightning
     if kind == "dev":
-        return DevWallet(store)
+        return DevWallet(store, clock=clock)
     if kind == "lnbits":
         if not (config.lnbits_url and config.lnbits_invoice_key and config.lnbits_admin_key):
             raise ConfigError(

@@ -1,11 +1,6 @@
-"""Admission and settlement: the money side of every request.
+"""Settlement: the money side of every finished job.
 
-Invariants:
-- Admission reserves before the job starts: a free request takes one of the key's
-  daily free requests and reserves its maximum cost against the daily subsidy budget;
-  a paid request is admitted only if ``balance - reserved > 0`` (checked and reserved
-  atomically) and reserves its estimated maximum cost. Nothing is admitted without a
-  BTC/USD rate (never priced at 0).
+Invariants (admission, before the job, is ``admission.py``):
 - Settlement runs exactly once per job (the ledger transaction ``job:<id>`` is
   idempotent): it releases the reservation, bills the verified usage at the rate of
   admission (``ceil`` once), pays the provider 95% (held for the probation period
@@ -28,10 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from decimal import Decimal
 
 import attrs
 import trio
@@ -39,42 +31,23 @@ import trio
 from ledger import book
 from ledger.money import cost_msat, split
 from ledger.store import Connection, Store
-from owlrun.protocol import Earnings
+from routecat.clock import Clock, iso
 from routecat.config import Config
-from routecat.db import jobs, payouts, quota
+from routecat.db import jobs, quota
 from routecat.db.jobs import JobRecord
-from routecat.errors import InsufficientBalance, ServiceUnavailable
 from routecat.metrics import Metrics
-from routecat.network.jobs import Bill, JobResult, JobSpec
-from routecat.network.link import NodeLink
-from routecat.network.registry import Registry
+from routecat.money.admission import Admission, Admissions
+from routecat.money.earnings import Earnings
+from routecat.money.usage import Verified, completion_bound, verify
+from routecat.network.jobs import Bill, JobResult
 from routecat.network.reputation import Reputation
-from routecat.pricing import Catalog, Price, RateFeed
-from routecat.usage import Verified, completion_bound, verify
 
-log = logging.getLogger("routecat.billing")
+log = logging.getLogger("routecat.settlement")
 
 DAY = 86400.0
 # A settlement write that has not begun by then is kept in memory and retried (a write
 # the store has begun always completes: see ledger.store).
 SETTLE_WRITE_TIMEOUT = 20.0
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
-
-
-@attrs.frozen
-class Admission:
-    free: bool
-    rate: Decimal
-    price: Price
-    reserved_msat: int
-    day: str
 
 
 def billable(result: JobResult) -> bool:
@@ -135,113 +108,17 @@ def job_record(
 
 
 @attrs.define(eq=False)
-class Billing:
+class Settlement:
     store: Store
     config: Config
-    catalog: Catalog
-    rates: RateFeed
-    registry: Registry
+    admissions: Admissions
     reputation: Reputation
+    earnings: Earnings
     metrics: Metrics
-    wall: Callable[[], float] = time.time
+    clock: Clock
     settled: int = 0
-    # Jobs admitted by this process whose reservation is still open (queued or running):
-    # the sweeper never releases these.
-    open_reservations: set[str] = attrs.Factory(set)
-    _dirty_nodes: set[str] = attrs.Factory(set)
     _unsettled: dict[str, Callable[[Connection], Bill]] = attrs.Factory(dict)
     _retry: trio.Event = attrs.Factory(trio.Event)
-
-    # -- admission --
-
-    def max_cost(self, spec: JobSpec, price: Price, rate: Decimal) -> int:
-        return cost_msat(
-            spec.prompt_bound,
-            spec.max_tokens + 1,
-            price.input_usd_per_1m,
-            price.output_usd_per_1m,
-            rate,
-        )
-
-    def applied_max_tokens(self, model: str, requested: int | None) -> int:
-        cap = self.catalog.price(model).max_tokens or self.config.default_max_tokens
-        return min(requested, cap) if requested is not None else cap
-
-    async def admit(self, spec: JobSpec) -> JobSpec:
-        price = self.catalog.price(spec.model)
-        now = self.wall()
-        day = utc_day(now)
-        last = self.rates.last_rate()
-        if last is None:
-            raise ServiceUnavailable(
-                "no BTC/USD rate is known yet: requests cannot be priced",
-                code="pricing_unavailable",
-                retry_after=30,
-            )
-        free_spec = spec
-        if spec.max_tokens > self.config.free_max_tokens:
-            # A free request's max_tokens is capped at the free cap (clients such as
-            # OpenCode always ask for a large one); the response says it was free.
-            limit = self.config.free_max_tokens
-            free_spec = attrs.evolve(
-                spec, max_tokens=limit, request={**spec.request, "max_tokens": limit}
-            )
-        why_not_free = "the model is not in this gateway's free catalog"
-        if self.catalog.listed(spec.model):
-            reserve = self.max_cost(free_spec, price, last)
-            budget = self.config.free_daily_budget_sats * 1000
-
-            def take_free(db: Connection) -> str | None:
-                if quota.free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
-                    return (
-                        f"the key's {self.config.free_daily_requests} free requests for today"
-                        " are used (they reset at midnight UTC)"
-                    )
-                _, reserved = book.balance(db, book.SUBSIDY)
-                if quota.subsidy_spent(db, day) + reserved + reserve > budget:
-                    return "the gateway's free budget for today is spent"
-                quota.take_free_request(db, spec.key_id, day)
-                book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
-                return None
-
-            refused = await self.store.write(take_free)
-            if refused is None:
-                self.open_reservations.add(spec.job_id)
-                return attrs.evolve(free_spec, admission=Admission(True, last, price, reserve, day))
-            why_not_free = refused
-        rate = self.rates.fresh_rate()
-        if rate is None:
-            raise ServiceUnavailable(
-                "the BTC/USD rate is too old to price a paid request",
-                code="pricing_unavailable",
-                retry_after=60,
-            )
-        reserve = self.max_cost(spec, price, rate)
-        account = book.user_account(spec.key_id)
-
-        if await self.store.write(lambda db: book.reserve(db, spec.job_id, account, reserve, now)):
-            self.open_reservations.add(spec.job_id)
-        else:
-            raise InsufficientBalance(
-                f"insufficient balance, and this request cannot be free: {why_not_free};"
-                " top up with POST /v1/auth/topup"
-            )
-        return attrs.evolve(spec, admission=Admission(False, rate, price, reserve, day))
-
-    async def release(self, spec: JobSpec) -> None:
-        """Undo an admission whose job never started (no node, shutting down)."""
-        admission = spec.admission
-        if not isinstance(admission, Admission):
-            return
-
-        def undo(db: Connection) -> None:
-            if book.release(db, spec.job_id) and admission.free:
-                quota.give_back_free_request(db, spec.key_id, admission.day)
-
-        await self.store.write(undo)
-        self.open_reservations.discard(spec.job_id)
-
-    # -- settlement (the scheduler's completion hook) --
 
     async def settle(self, result: JobResult) -> Bill:
         """The scheduler's completion hook: decide the bill (pure), then commit it once.
@@ -264,12 +141,14 @@ class Billing:
             cost = 0
             usage = Verified(0, 0, usage.reported, False)
         bill = Bill(usage.prompt_tokens, usage.completion_tokens, cost)
-        write = functools.partial(self._settle_write, result, usage, bill, charge, self.wall())
+        write = functools.partial(
+            self._settle_write, result, usage, bill, charge, self.clock.wall()
+        )
         failure: BaseException | None = None
         with trio.move_on_after(SETTLE_WRITE_TIMEOUT) as timer:
             try:
                 bill = await self.store.write(write)
-                self.open_reservations.discard(spec.job_id)
+                self.admissions.open_reservations.discard(spec.job_id)
             except Exception as exc:
                 failure = exc
         if timer.cancelled_caught:  # a stalled store: the write never began, so retry it
@@ -356,7 +235,7 @@ class Billing:
                     "node %s lost reputation: %s (job %s)", result.node_id, why, spec.job_id
                 )
         if result.node_id and charge:
-            self._dirty_nodes.add(result.node_id)
+            self.earnings.changed(result.node_id)
 
     async def retry_settlements(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -374,7 +253,7 @@ class Billing:
                     log.warning("settlement of job %s still failing: %r", job_id, exc)
                     continue
                 del self._unsettled[job_id]
-                self.open_reservations.discard(job_id)
+                self.admissions.open_reservations.discard(job_id)
                 log.info("settlement of job %s committed after a retry", job_id)
             self.metrics.settlements_pending.set(len(self._unsettled))
             if self._unsettled:
@@ -382,75 +261,6 @@ class Billing:
             else:
                 delay = 0.5
                 self._retry = trio.Event()
-
-    # -- reads --
-
-    async def balance(self, key_id: int) -> dict[str, int]:
-        day = utc_day(self.wall())
-
-        def read(db: Connection) -> tuple[int, int]:
-            balance, _ = book.balance(db, book.user_account(key_id))
-            return balance, quota.free_used(db, key_id, day)
-
-        balance_msat, used = await self.store.read(read)
-        return {
-            "balance_sats": balance_msat // 1000,
-            "balance_msat": balance_msat,
-            "free_remaining": max(0, self.config.free_daily_requests - used),
-        }
-
-    async def earnings(self, node_id: str) -> dict[str, int]:
-        account = book.provider_account(node_id)
-        now = self.wall()
-
-        def read(db: Connection) -> dict[str, int]:
-            balance, _ = book.balance(db, account)
-            held = book.held(db, account, now)
-            sent = payouts.totals(db, node_id)
-            return {
-                "earned_msat": book.earned(db, account, "job"),
-                "held_msat": held,
-                "payable_msat": max(0, balance - held),
-                "balance_msat": balance,
-                "paid_msat": sent.paid_msat,
-                "pending_msat": sent.pending_msat,
-            }
-
-        return await self.store.read(read)
-
-    # -- services --
-
-    def mark_dirty(self, node: NodeLink) -> None:
-        self._dirty_nodes.add(node.id)
-
-    async def publish_earnings(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Every few seconds, tell nodes whose money moved what they have earned."""
-        task_status.started()
-        while True:
-            await trio.sleep(2)
-            dirty, self._dirty_nodes = self._dirty_nodes, set()
-            for node_id in dirty:
-                node = self.registry.nodes.get(node_id)
-                if node is None:
-                    continue
-                try:
-                    e = await self.earnings(node_id)
-                except Exception as exc:  # the store briefly failing: told next time
-                    log.warning("earnings of node %s not read: %r", node_id, exc)
-                    self._dirty_nodes.add(node_id)
-                    continue
-                node.send_nowait(
-                    Earnings(
-                        earned_msat=e["earned_msat"],
-                        held_msat=e["held_msat"],
-                        payable_msat=e["payable_msat"],
-                        paid_msat=e["paid_msat"],
-                        pending_msat=e["pending_msat"],
-                        threshold_sats=node.payout_threshold_sats,
-                    )
-                )
 
     async def sweep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Release reservations left by a crash (all of them at start), then, periodically,
@@ -466,8 +276,8 @@ class Billing:
                 stale = await self.store.write(
                     functools.partial(
                         book.sweep_reservations,
-                        older_than=self.wall() - self.config.sweep_interval,
-                        keep=set(self.open_reservations),
+                        older_than=self.clock.wall() - self.config.sweep_interval,
+                        keep=set(self.admissions.open_reservations),
                     )
                 )
             except Exception as exc:  # the store briefly failing: the next round retries

@@ -1,4 +1,4 @@
-"""Prices: the operator's catalog (USD per 1M tokens) and the BTC/USD rate feed.
+"""The BTC/USD rate feed.
 
 Invariants: a rate is never 0, negative, NaN or infinite (a source answering 0 is a
 failed source); the rate in force is the median of the sources that answered the
@@ -11,88 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
-import tomllib
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 import trio
 
+from routecat.clock import Clock
 from routecat.config import Config
 from routecat.errors import ConfigError
 from routecat.metrics import Metrics
 
-log = logging.getLogger("routecat.pricing")
+log = logging.getLogger("routecat.rates")
 
 # The embedded default (dev wallet, no configuration) prices at this documented
 # constant, shown as "pinned (dev default)" in /v1/stats. A real Lightning backend
 # uses live sources unless the operator pins a rate.
 DEV_BTC_USD = Decimal("100000")
 MAX_RESPONSE_BYTES = 256 * 1024
-
-
-@attrs.frozen
-class Price:
-    input_usd_per_1m: Decimal
-    output_usd_per_1m: Decimal
-    max_tokens: int | None = None  # the model's cap when a request gives none
-
-
-@attrs.frozen
-class Catalog:
-    models: dict[str, Price]
-    default: Price
-
-    def price(self, model: str) -> Price:
-        return self.models.get(model, self.default)
-
-    def listed(self, model: str) -> bool:
-        return model in self.models
-
-
-def _decimal(value: Any, where: str) -> Decimal:
-    try:
-        result = Decimal(str(value))
-    except (InvalidOperation, ValueError) as exc:
-        raise ConfigError(f"catalog: {where} is not a number") from exc
-    if not result.is_finite() or result < 0:
-        raise ConfigError(f"catalog: {where} must be a non-negative number")
-    return result
-
-
-def load_catalog(config: Config) -> Catalog:
-    """The operator's catalog file, or the embedded one."""
-    if config.catalog:
-        text = Path(config.catalog).read_text(encoding="utf-8")
-    else:
-        text = resources.files("routecat").joinpath("catalog.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
-    models = {}
-    for name, entry in (data.get("models") or {}).items():
-        cap = entry.get("max_tokens")
-        if cap is not None and (not isinstance(cap, int) or cap < 1):
-            raise ConfigError(f"catalog: models.{name}.max_tokens must be a positive integer")
-        models[name] = Price(
-            _decimal(entry.get("input"), f"models.{name}.input"),
-            _decimal(entry.get("output"), f"models.{name}.output"),
-            cap,
-        )
-    default = data.get("default") or {}
-    return Catalog(
-        models,
-        Price(
-            _decimal(default.get("input", config.default_input_usd_per_1m), "default.input"),
-            _decimal(default.get("output", config.default_output_usd_per_1m), "default.output"),
-        ),
-    )
-
-
-# -- BTC/USD -----------------------------------------------------------------------------
 
 
 def _positive(value: Any) -> Decimal | None:
@@ -141,7 +79,7 @@ class RateFeed:
     config: Config
     metrics: Metrics
     urls: dict[str, str] = attrs.Factory(dict)  # source -> URL (tests point these at local servers)
-    wall: Callable[[], float] = time.time
+    clock: Clock = attrs.Factory(Clock)
     rate: Decimal | None = None
     fetched_at: float | None = None
     source: str = ""
@@ -163,7 +101,7 @@ class RateFeed:
     def age(self) -> float | None:
         if self.pinned:
             return 0.0
-        return None if self.fetched_at is None else max(0.0, self.wall() - self.fetched_at)
+        return None if self.fetched_at is None else max(0.0, self.clock.wall() - self.fetched_at)
 
     def fresh_rate(self) -> Decimal | None:
         """The rate paid requests may use: known and younger than the maximum age."""
@@ -218,7 +156,7 @@ class RateFeed:
             log.warning("no BTC/USD source answered; keeping the last rate")
             return None
         self.rate = Decimal(statistics.median(found.values()))
-        self.fetched_at = self.wall()
+        self.fetched_at = self.clock.wall()
         self.answered = sorted(found)
         self.source = "median of " + ", ".join(self.answered)
         self.metrics.btc_usd.set(float(self.rate))

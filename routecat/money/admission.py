@@ -1,0 +1,148 @@
+"""Admission: what a request may cost before it runs, reserved before it starts.
+
+Invariants: a free request takes one of the key's daily free requests and reserves
+its maximum cost against the daily subsidy budget; a paid request is admitted only if
+``balance - reserved > 0`` (checked and reserved atomically, in one transaction) and
+reserves its estimated maximum cost. Nothing is admitted without a BTC/USD rate
+(never priced at 0). Every admission this process holds open is in
+``open_reservations`` until its job settles (the sweeper leaves those alone).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import attrs
+
+from ledger import book
+from ledger.money import cost_msat
+from ledger.store import Connection, Store
+from routecat.clock import Clock, utc_day
+from routecat.config import Config
+from routecat.db import quota
+from routecat.errors import InsufficientBalance, ServiceUnavailable
+from routecat.money.pricing import Catalog, Price
+from routecat.money.rates import RateFeed
+from routecat.network.jobs import JobSpec
+
+
+@attrs.frozen
+class Admission:
+    free: bool
+    rate: Decimal
+    price: Price
+    reserved_msat: int
+    day: str
+
+
+@attrs.define(eq=False)
+class Admissions:
+    store: Store
+    config: Config
+    catalog: Catalog
+    rates: RateFeed
+    clock: Clock
+    # Jobs admitted by this process whose reservation is still open (queued, running or
+    # settling): the sweeper never releases these.
+    open_reservations: set[str] = attrs.Factory(set)
+
+    def max_cost(self, spec: JobSpec, price: Price, rate: Decimal) -> int:
+        return cost_msat(
+            spec.prompt_bound,
+            spec.max_tokens + 1,
+            price.input_usd_per_1m,
+            price.output_usd_per_1m,
+            rate,
+        )
+
+    def applied_max_tokens(self, model: str, requested: int | None) -> int:
+        cap = self.catalog.price(model).max_tokens or self.config.default_max_tokens
+        return min(requested, cap) if requested is not None else cap
+
+    async def admit(self, spec: JobSpec) -> JobSpec:
+        price = self.catalog.price(spec.model)
+        now = self.clock.wall()
+        day = utc_day(now)
+        last = self.rates.last_rate()
+        if last is None:
+            raise ServiceUnavailable(
+                "no BTC/USD rate is known yet: requests cannot be priced",
+                code="pricing_unavailable",
+                retry_after=30,
+            )
+        free_spec = spec
+        if spec.max_tokens > self.config.free_max_tokens:
+            # A free request's max_tokens is capped at the free cap (clients such as
+            # OpenCode always ask for a large one); the response says it was free.
+            limit = self.config.free_max_tokens
+            free_spec = attrs.evolve(
+                spec, max_tokens=limit, request={**spec.request, "max_tokens": limit}
+            )
+        why_not_free = "the model is not in this gateway's free catalog"
+        if self.catalog.listed(spec.model):
+            reserve = self.max_cost(free_spec, price, last)
+            budget = self.config.free_daily_budget_sats * 1000
+
+            def take_free(db: Connection) -> str | None:
+                if quota.free_used(db, spec.key_id, day) >= self.config.free_daily_requests:
+                    return (
+                        f"the key's {self.config.free_daily_requests} free requests for today"
+                        " are used (they reset at midnight UTC)"
+                    )
+                _, reserved = book.balance(db, book.SUBSIDY)
+                if quota.subsidy_spent(db, day) + reserved + reserve > budget:
+                    return "the gateway's free budget for today is spent"
+                quota.take_free_request(db, spec.key_id, day)
+                book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
+                return None
+
+            refused = await self.store.write(take_free)
+            if refused is None:
+                self.open_reservations.add(spec.job_id)
+                return attrs.evolve(free_spec, admission=Admission(True, last, price, reserve, day))
+            why_not_free = refused
+        rate = self.rates.fresh_rate()
+        if rate is None:
+            raise ServiceUnavailable(
+                "the BTC/USD rate is too old to price a paid request",
+                code="pricing_unavailable",
+                retry_after=60,
+            )
+        reserve = self.max_cost(spec, price, rate)
+        account = book.user_account(spec.key_id)
+
+        if await self.store.write(lambda db: book.reserve(db, spec.job_id, account, reserve, now)):
+            self.open_reservations.add(spec.job_id)
+        else:
+            raise InsufficientBalance(
+                f"insufficient balance, and this request cannot be free: {why_not_free};"
+                " top up with POST /v1/auth/topup"
+            )
+        return attrs.evolve(spec, admission=Admission(False, rate, price, reserve, day))
+
+    async def release(self, spec: JobSpec) -> None:
+        """Undo an admission whose job never started (no node, shutting down)."""
+        admission = spec.admission
+        if not isinstance(admission, Admission):
+            return
+
+        def undo(db: Connection) -> None:
+            if book.release(db, spec.job_id) and admission.free:
+                quota.give_back_free_request(db, spec.key_id, admission.day)
+
+        await self.store.write(undo)
+        self.open_reservations.discard(spec.job_id)
+
+    async def balance(self, key_id: int) -> dict[str, int]:
+        day = utc_day(self.clock.wall())
+
+        def read(db: Connection) -> tuple[int, int]:
+            balance, _ = book.balance(db, book.user_account(key_id))
+            return balance, quota.free_used(db, key_id, day)
+
+        balance_msat, used = await self.store.read(read)
+        return {
+            "balance_sats": balance_msat // 1000,
+            "balance_msat": balance_msat,
+            "free_remaining": max(0, self.config.free_daily_requests - used),
+        }

@@ -1,0 +1,86 @@
+"""Providers' earnings: what each node earned, holds, may be paid, was paid; and the
+service that tells connected nodes when their money moved.
+
+Invariant: the figures come from the ledger and the payouts table in one read
+transaction, so they always add up (``earned = balance + paid + pending`` and
+``payable = balance - held``)."""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ledger import book
+from ledger.store import Connection, Store
+from owlrun.protocol import Earnings as EarningsFrame
+from routecat.clock import Clock
+from routecat.db import payouts
+from routecat.network.link import NodeLink
+from routecat.network.registry import Registry
+
+log = logging.getLogger("routecat.earnings")
+
+
+@attrs.define(eq=False)
+class Earnings:
+    store: Store
+    registry: Registry
+    clock: Clock
+    _dirty_nodes: set[str] = attrs.Factory(set)
+
+    async def of(self, node_id: str) -> dict[str, int]:
+        account = book.provider_account(node_id)
+        now = self.clock.wall()
+
+        def read(db: Connection) -> dict[str, int]:
+            balance, _ = book.balance(db, account)
+            held = book.held(db, account, now)
+            sent = payouts.totals(db, node_id)
+            return {
+                "earned_msat": book.earned(db, account, "job"),
+                "held_msat": held,
+                "payable_msat": max(0, balance - held),
+                "balance_msat": balance,
+                "paid_msat": sent.paid_msat,
+                "pending_msat": sent.pending_msat,
+            }
+
+        return await self.store.read(read)
+
+    def mark_dirty(self, node: NodeLink) -> None:
+        """Tell this node its earnings soon (it just connected, or its money moved)."""
+        self._dirty_nodes.add(node.id)
+
+    def changed(self, node_id: str) -> None:
+        self._dirty_nodes.add(node_id)
+
+    async def publish_earnings(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Every few seconds, tell nodes whose money moved what they have earned."""
+        task_status.started()
+        while True:
+            await trio.sleep(2)
+            dirty, self._dirty_nodes = self._dirty_nodes, set()
+            for node_id in dirty:
+                node = self.registry.nodes.get(node_id)
+                if node is None:
+                    continue
+                try:
+                    e = await self.of(node_id)
+                except Exception as exc:  # the store briefly failing: told next time
+                    log.warning("earnings of node %s not read: %r", node_id, exc)
+                    self._dirty_nodes.add(node_id)
+                    continue
+                node.send_nowait(
+                    EarningsFrame(
+                        earned_msat=e["earned_msat"],
+                        held_msat=e["held_msat"],
+                        payable_msat=e["payable_msat"],
+                        paid_msat=e["paid_msat"],
+                        pending_msat=e["pending_msat"],
+                        threshold_sats=node.payout_threshold_sats,
+                    )
+                )

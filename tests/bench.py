@@ -199,7 +199,7 @@ async def bench_real_engine(
 ) -> None:
     """Tokens per second of a real llama.cpp engine (the generated tiny model), direct vs
     through gateway + owlrun, streamed."""
-    from tests.engine.conftest import llama_server_command
+    from tests.engine.engines import llama_server_command
 
     python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON")
     if not python:

@@ -20,8 +20,8 @@ import trio
 
 from ledger import book
 from routecat.money.keys import hash_key
-from tests.conftest import fund, register, start_network
 from tests.fakes import Knobs
+from tests.servers import fund, register, start_network
 from tests.test_money import catalog
 from tests.test_network import MODEL
 

@@ -16,7 +16,7 @@ import trio
 from routecat.config import Config, load_config
 from routecat.errors import ConfigError
 from routecat.money.keys import KEY_PATTERN, hash_key
-from tests.conftest import Running, assert_error, make_config, register, start_gateway
+from tests.servers import Running, assert_error, make_config, register, start_gateway
 
 CHAT = {"model": "nope:1b", "messages": [{"role": "user", "content": "hi"}]}
 

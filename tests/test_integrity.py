@@ -26,9 +26,9 @@ from ledger.store import Store
 from owlrun.agent import open_gateway_socket
 from routecat.money.lightning.errors import LnurlError
 from routecat.money.lightning.lnurl import parse_address
-from tests.conftest import assert_error, register, start_gateway, start_network
 from tests.fakes import Knobs
 from tests.rogue import ROGUE_MODEL, rogue_node
+from tests.servers import assert_error, register, start_gateway, start_network
 from tests.test_money import balance, catalog, ledger_ok
 from tests.test_network import MODEL, chat, read_sse, text_of, wait_for
 
@@ -188,7 +188,7 @@ async def test_hello_text_must_be_printable(
 
 
 def _config(tmp_path: Path, **overrides: Any) -> Any:
-    from tests.conftest import network_config
+    from tests.servers import network_config
 
     return network_config(tmp_path, **overrides)
 
@@ -962,7 +962,7 @@ def test_provider_totals_count_every_payout(tmp_path: Path) -> None:
     """The providers page summed paid and pending payouts over its list of the latest
     50 only; a node with more was under-reported."""
     from routecat.server import open_store
-    from routecat.web import node_summary
+    from routecat.web.pages import node_summary
 
     store = open_store(_config(tmp_path))
 

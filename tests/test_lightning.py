@@ -19,8 +19,8 @@ import trio
 from ledger import book
 from routecat.money.lightning.backend import Payment, check_invoice
 from routecat.money.lightning.errors import InvoiceRejected, LightningError
-from tests.conftest import Network, assert_error, register, start_network, start_node
 from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
+from tests.servers import Network, assert_error, register, start_network, start_node
 from tests.test_money import catalog, ledger_ok
 from tests.test_network import chat, wait_for
 
@@ -142,7 +142,7 @@ async def test_unpaid_invoice_never_credits_and_paid_late_still_credits(
 async def test_pending_invoice_paid_while_gateway_down_is_credited_on_restart(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    from tests.conftest import network_config, start_gateway
+    from tests.servers import network_config, start_gateway
 
     with trio.fail_after(40):
         net = await start_network(nursery, tmp_path, nodes=0, credit_sats=0)

@@ -21,8 +21,8 @@ import trio
 from ledger import book
 from routecat.money.settlement import billable
 from routecat.network.jobs import JobResult
-from tests.conftest import Network, assert_error, fund, register, start_network, start_node
 from tests.fakes import Knobs, serve_app, start_engine
+from tests.servers import Network, assert_error, fund, register, start_network, start_node
 from tests.test_network import chat, read_sse, wait_for
 
 # 1 input token = 1 sat, 1 output token = 2 sats at the tests' pinned $100,000/BTC.

@@ -17,8 +17,8 @@ import trio_websocket
 from owlrun.agent import open_gateway_socket
 from owlrun.identity import Identity
 from owlrun.protocol import NODE_HEADER, SECRET_HEADER, WS_PATH, Hello, ModelInfo, decode, encode
-from tests.conftest import assert_error, start_network, start_node
 from tests.fakes import Knobs
+from tests.servers import assert_error, start_network, start_node
 
 MODEL = "llama3.1:8b"
 
@@ -523,7 +523,7 @@ async def test_agent_reconnects_after_gateway_restart(
         node = net.nodes[0]
         net.gateway.stop.set()
         await wait_for(lambda: not node.agent.connected, timeout=10)
-        from tests.conftest import network_config, start_gateway
+        from tests.servers import network_config, start_gateway
 
         config = network_config(tmp_path, port=str(int(net.url.rsplit(":", 1)[1])))
         again = await start_gateway(nursery, config)

@@ -14,8 +14,8 @@ import httpx
 import trio
 
 from routecat.api.admin import socket_path
-from tests.conftest import start_network
 from tests.fakes import Knobs
+from tests.servers import start_network
 from tests.test_network import chat, wait_for
 
 

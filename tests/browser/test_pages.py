@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import start_network
 from tests.fakes import Knobs
+from tests.servers import start_network
 from tests.test_network import chat
 
 pytestmark = pytest.mark.e2e

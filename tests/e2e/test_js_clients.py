@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import start_network
+from tests.servers import start_network
 
 pytestmark = pytest.mark.e2e
 

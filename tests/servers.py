@@ -1,0 +1,223 @@
+"""Real servers for the integration tier: a gateway on port 0, owlrun nodes in front
+of fake engines, and the helpers that register and fund keys against them."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from routecat.config import Config
+from routecat.gateway import Gateway
+from routecat.server import serve_gateway
+
+
+@attrs.define
+class Running:
+    gw: Gateway
+    stop: trio.Event
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return self.gw.url
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30, **kwargs)
+
+
+def make_config(tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+    settings: dict[str, Any] = {
+        "database": str(tmp_path / "routecat.db"),
+        "port": 0,
+        "register_limit_per_hour": 1000,
+        "log_level": "WARNING",
+        "btc_usd": "100000",
+    }
+    settings.update(overrides)
+    from routecat.config import load_config
+
+    return load_config(flags=settings, environ=environ or {})
+
+
+async def start_gateway(nursery: trio.Nursery, config: Config) -> Running:
+    stop = trio.Event()
+    gw = await nursery.start(functools.partial(serve_gateway, config, stop=stop))
+    return Running(gw, stop, config)
+
+
+async def register(client: httpx.AsyncClient, name: str = "test") -> str:
+    r = await client.post("/v1/auth/register", json={"name": name})
+    assert r.status_code == 200, r.text
+    key = r.json()["api_key"]
+    assert isinstance(key, str)
+    return key
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
+import secrets  # noqa: E402
+
+from owlrun.agent import Agent  # noqa: E402
+from owlrun.engines import OllamaEngine, OpenAIEngine  # noqa: E402
+from owlrun.errors import RefusedError  # noqa: E402
+from owlrun.identity import Identity  # noqa: E402
+from tests.fakes import FakeEngine, Knobs, start_engine  # noqa: E402
+
+
+@attrs.define(eq=False)
+class Node:
+    agent: Agent
+    scope: trio.CancelScope
+    stopped: trio.Event
+    refused: list[RefusedError]
+
+    @property
+    def id(self) -> str:
+        return self.agent.identity.node_id
+
+    async def kill(self) -> None:
+        """Abrupt death: the agent's task is cancelled, its socket dropped."""
+        self.scope.cancel()
+        await self.stopped.wait()
+
+
+async def start_node(
+    nursery: trio.Nursery,
+    gateway_url: str,
+    engine: FakeEngine,
+    *,
+    backend: str = "ollama",
+    max_jobs: int = 4,
+    identity: Identity | None = None,
+    payout_address: str = "",
+    models: tuple[str, ...] = (),
+) -> Node:
+    identity = identity or Identity("node_" + secrets.token_hex(6), secrets.token_urlsafe(24))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None))
+    eng = (
+        OllamaEngine(engine.url, client)
+        if backend == "ollama"
+        else OpenAIEngine(engine.url, client)
+    )
+    agent = Agent(
+        gateway=gateway_url,
+        identity=identity,
+        engine=eng,
+        max_jobs=max_jobs,
+        allowed_models=models,
+        payout_address=payout_address,
+        model_refresh=0.3,
+    )
+    scope = trio.CancelScope()
+    stopped = trio.Event()
+    refused: list[RefusedError] = []
+
+    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                async with client:
+                    await agent.run(task_status=task_status)
+        except RefusedError as exc:
+            if not agent.sessions:
+                raise
+            refused.append(exc)  # refused on a reconnect: the test looks at it
+        finally:
+            stopped.set()
+
+    await nursery.start(run)
+    return Node(agent, scope, stopped, refused)
+
+
+def network_config(
+    tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any
+) -> Config:
+    settings: dict[str, Any] = {
+        "heartbeat_interval": "0.5",
+        "queue_timeout": "3",
+        "first_token_timeout": "5",
+        "inter_token_timeout": "3",
+        "keepalive_interval": "0.5",
+        "drain_timeout": "2",
+        "rate_limit_per_minute": "100000",
+    }
+    settings.update(overrides)
+    return make_config(tmp_path, environ, **settings)
+
+
+@attrs.define(eq=False)
+class Network:
+    gateway: Running
+    engine: FakeEngine
+    nodes: list[Node]
+    key: str
+    settled: dict[str, int]
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def client(self) -> httpx.AsyncClient:
+        return self.gateway.client(headers={"Authorization": f"Bearer {self.key}"})
+
+
+async def start_network(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    *,
+    nodes: int = 1,
+    knobs: Knobs | None = None,
+    backend: str = "ollama",
+    max_jobs: int = 4,
+    credit_sats: int = 1_000_000,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Network:
+    gateway = await start_gateway(nursery, network_config(tmp_path, environ, **overrides))
+    settled: dict[str, int] = {}
+    inner = gateway.gw.scheduler.on_complete
+
+    async def counting(result: Any) -> Any:
+        settled[result.spec.job_id] = settled.get(result.spec.job_id, 0) + 1
+        return await inner(result)
+
+    gateway.gw.scheduler.on_complete = counting
+    engine = await start_engine(nursery, knobs)
+    started = [
+        await start_node(nursery, gateway.url, engine, backend=backend, max_jobs=max_jobs)
+        for _ in range(nodes)
+    ]
+    async with gateway.client() as c:
+        key = await register(c)
+    if credit_sats:
+        await fund(gateway, key, credit_sats)
+    return Network(gateway, engine, started, key, settled)
+
+
+async def fund(gateway: Running, key: str, sats: int) -> None:
+    """Credit a key from operator equity, as `routecat keys credit` does."""
+    from routecat.money.keys import hash_key
+    from routecat.money.settlement import credit
+
+    def write(db: Any) -> None:
+        key_id = db.execute(
+            "SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)
+        ).fetchone()[0]
+        credit(db, key_id, sats * 1000, "test funding", "test:" + secrets.token_hex(8))
+
+    await gateway.gw.store.write(write)

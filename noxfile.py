@@ -42,7 +42,7 @@ def hostile(session: nox.Session) -> None:
     examples = os.environ.get("ROUTECAT_HOSTILE_EXAMPLES", "2000")
     session.run(
         "pytest",
-        "tests/test_hostile_nodes.py",
+        "tests/integrity/test_hostile_nodes.py",
         *session.posargs,
         env={"ROUTECAT_HOSTILE_EXAMPLES": examples},
     )

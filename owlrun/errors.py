@@ -4,7 +4,9 @@ Tree::
 
     OwlrunError
     ├── EngineError      the local engine failed a job (``retryable`` says if another node may try)
-    └── RefusedError     the gateway refused this node (wrong secret, banned, bad version)
+    ├── RefusedError     the gateway refused this node (wrong secret, banned, bad version)
+    └── ProtocolError    a frame that is not a valid message of this protocol version (also a
+                         ``ValueError``; ``owlrun.protocol`` raises it, the gateway too)
 """
 
 from __future__ import annotations
@@ -26,3 +28,7 @@ class RefusedError(OwlrunError):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+
+
+class ProtocolError(OwlrunError, ValueError):
+    """A frame that is not a valid message of this protocol version."""

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal
 import attrs
 import cattrs
 
+from owlrun.errors import ProtocolError as ProtocolError  # re-exported: the protocol raises it
+
 PROTOCOL_VERSION = 2
 # The oldest version a gateway still accepts; a version-1 agent sends no reasoning or
 # refusal deltas and no ``cancelled`` acknowledgements, and is sent nothing it lacks.
@@ -26,10 +28,6 @@ MIN_PROTOCOL_VERSION = 1
 WS_PATH = "/v1/nodes/ws"
 NODE_HEADER = "X-Owlrun-Node"
 SECRET_HEADER = "X-Owlrun-Secret"
-
-
-class ProtocolError(ValueError):
-    """A frame that is not a valid message of this protocol version."""
 
 
 # -- strict primitives (shared with the gateway's OpenAI schema) ------------------------

@@ -11,9 +11,12 @@ import attrs
 import httpx
 import trio
 
+from ledger import book
 from routecat.config import Config
 from routecat.gateway import Gateway
 from routecat.server import serve_gateway
+from tests.clients import chat, topup, wait_for
+from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
 
 
 @attrs.define
@@ -77,7 +80,7 @@ from owlrun.agent import Agent  # noqa: E402
 from owlrun.engines import OllamaEngine, OpenAIEngine  # noqa: E402
 from owlrun.errors import RefusedError  # noqa: E402
 from owlrun.identity import Identity  # noqa: E402
-from tests.fakes import FakeEngine, Knobs, start_engine  # noqa: E402
+from tests.fakes import FakeEngine  # noqa: E402
 
 
 @attrs.define(eq=False)
@@ -221,3 +224,63 @@ async def fund(gateway: Running, key: str, sats: int) -> None:
         credit(db, key_id, sats * 1000, "test funding", "test:" + secrets.token_hex(8))
 
     await gateway.gw.store.write(write)
+
+
+# Prices of the money tests: USD per 1M tokens.
+CATALOG = """
+[default]
+input = "500"
+output = "500"
+[models."llama3.1:8b"]
+input = "1000"
+output = "2000"
+"""
+
+
+def catalog(tmp_path: Path) -> str:
+    path = tmp_path / "catalog.toml"
+    path.write_text(CATALOG)
+    return str(path)
+
+
+async def balance(net: Network, key: str | None = None) -> dict[str, int]:
+    async with net.gateway.client(headers={"Authorization": f"Bearer {key or net.key}"}) as c:
+        r = await c.get("/v1/auth/balance")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+async def ledger_ok(net: Network) -> None:
+    result = await net.gateway.gw.store.read(book.check)
+    assert result.ok, result
+
+
+async def earn(
+    nursery: trio.Nursery, tmp_path: Path, mode: str = "good", **overrides: Any
+) -> tuple[Network, LnurlServer]:
+    """A network whose node has a Lightning Address on a local LNURL server, and has
+    earned over its 100-sat threshold from paid jobs; the dev wallet is funded."""
+    lnurl = await start_lnurl(nursery, mode)
+    settings = {
+        "catalog": catalog(tmp_path),
+        "lnurl_base_url_override": lnurl.url,
+        "payout_interval": "0.2",
+        "payout_threshold_sats": "100",
+        "free_daily_requests": "0",  # paid jobs: payable at once
+        **overrides,
+    }
+    net = await start_network(nursery, tmp_path, nodes=0, **settings)
+    engine = await start_engine(nursery, Knobs())
+    node = await start_node(nursery, net.url, engine, payout_address="alice@provider.example")
+    net.nodes.append(node)
+    gw = net.gateway.gw
+    # Fund the operator's dev wallet: a customer tops up 5,000 sats.
+    async with net.client() as c:
+        body = await topup(c, 5000)
+        await gw.lightning.settle_own(body["invoice"])  # type: ignore[attr-defined]
+        gw.topups.wake()
+        await wait_for(lambda: gw.topups.credited == 1)
+        for i in range(12):  # each paid job earns the provider ~10.45 sats
+            r = await c.post("/v1/chat/completions", json=chat(f"job {i}", max_tokens=2000))
+            assert r.status_code == 200, r.text
+    return net, lnurl

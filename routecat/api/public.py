@@ -5,7 +5,6 @@ operational probes, which a load balancer calls often)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from quart import Response, request
@@ -13,6 +12,7 @@ from quart import Response, request
 from ledger.money import usd_to_sats
 from routecat import errors
 from routecat.api.http import App, json_response, remote_ip
+from routecat.clock import iso
 from routecat.db import jobs as jobs_db
 from routecat.gateway import Gateway
 
@@ -122,7 +122,7 @@ async def audit_page(gw: Gateway, page: int, per_page: int) -> tuple[list[dict[s
 
 
 async def gw_stats(gw: Gateway) -> dict[str, Any]:
-    since = (datetime.now(UTC) - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%S")
+    since = iso(gw.clock.wall() - 24 * 3600)
 
     day = await gw.store.read(lambda db: jobs_db.activity_since(db, since))
     return {

@@ -81,7 +81,7 @@ class KeyRing:
     """
 
     store: Store
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     _cache: dict[str, tuple[ApiKey, float]] = attrs.Factory(dict)
 
     def invalidate(self) -> None:

@@ -78,8 +78,8 @@ class RateFeed:
 
     config: Config
     metrics: Metrics
+    clock: Clock
     urls: dict[str, str] = attrs.Factory(dict)  # source -> URL (tests point these at local servers)
-    clock: Clock = attrs.Factory(Clock)
     rate: Decimal | None = None
     fetched_at: float | None = None
     source: str = ""

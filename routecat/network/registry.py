@@ -45,7 +45,7 @@ class Registry:
 
     store: Store
     metrics: Metrics
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     nodes: dict[str, NodeLink] = attrs.Factory(dict)
     model_seen: dict[str, float] = attrs.Factory(dict)
     catalog_models: frozenset[str] = frozenset()

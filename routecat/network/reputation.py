@@ -34,7 +34,7 @@ COOLDOWN = 60.0
 @attrs.define(eq=False)
 class Reputation:
     registry: Registry
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     # model -> recent bytes per reported completion token (honest, in-bounds reports)
     _bpt: dict[str, deque[float]] = attrs.Factory(dict)
     # (node, model) -> recent reported tokens per delivered byte

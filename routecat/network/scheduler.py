@@ -88,7 +88,7 @@ class Scheduler:
     registry: Registry
     metrics: Metrics
     on_complete: CompletionHook
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     jobs: dict[str, JobHandle] = attrs.Factory(dict)
     accepting: bool = True
     waiting: int = 0

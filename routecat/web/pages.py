@@ -113,7 +113,9 @@ def create_web(gw: Gateway) -> Blueprint:
     async def network() -> Response:
         limit()
         stats = await gw_stats(gw)
-        now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        now = datetime.fromtimestamp(gw.clock.wall(), UTC).replace(
+            minute=0, second=0, microsecond=0
+        )
 
         def read(db: Any) -> dict[str, Any]:
             day_jobs, day_tokens, day_labels = series(db, now - timedelta(hours=24), 24, 1)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import trio
 
+from tests.clients import chat
 from tests.fakes import Knobs
 from tests.servers import start_network
-from tests.test_network import chat
 
 pytestmark = pytest.mark.e2e
 

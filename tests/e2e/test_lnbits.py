@@ -10,11 +10,18 @@ import pytest
 import trio
 
 from ledger import book
+from tests.clients import chat, wait_for
 from tests.e2e.lnbits import LNbits, Wallet
 from tests.fakes import Knobs, start_engine
-from tests.servers import Network, network_config, start_gateway, start_network, start_node
-from tests.test_money import catalog, ledger_ok
-from tests.test_network import chat, wait_for
+from tests.servers import (
+    Network,
+    catalog,
+    ledger_ok,
+    network_config,
+    start_gateway,
+    start_network,
+    start_node,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,10 @@ import openai
 import pytest
 import trio
 
+from tests.clients import read_sse, text_of
 from tests.engine.engines import SMOL, TINY, Engine
 from tests.fakes import FakeEngine
 from tests.servers import Network, start_network, start_node
-from tests.test_network import read_sse, text_of
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from routecat.money.lightning.errors import InvoiceRejected, LightningError
 @attrs.define(eq=False)
 class DevWallet:
     store: Store
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     name: str = "dev"
     network: str = "regtest"
     _key: PrivateKey = attrs.Factory(PrivateKey)

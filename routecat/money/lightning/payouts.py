@@ -143,7 +143,7 @@ class Payouts:
     backend: Backend
     resolver: Resolver
     metrics: Metrics
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     paid: int = 0
 
     async def due(self) -> list[Due]:

@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -22,7 +21,7 @@ import trio
 
 from ledger import book
 from ledger.store import Connection, Store
-from routecat.clock import Clock
+from routecat.clock import Clock, rfc3339
 from routecat.config import Config
 from routecat.db import topups as stored
 from routecat.errors import InvalidRequest, NotFound, ServiceUnavailable
@@ -36,10 +35,6 @@ EXPIRED_GRACE = 120.0
 # Expired top-ups are asked about again, less often, for this long after expiry.
 LATE_WINDOW = 7 * 86400.0
 LATE_INTERVAL = 60.0
-
-
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def credit_topup(db: Connection, payment_hash: str, now: float) -> bool:
@@ -67,7 +62,7 @@ class Topups:
     store: Store
     config: Config
     backend: Backend
-    clock: Clock = attrs.Factory(Clock)
+    clock: Clock
     poll_interval: float = 2.0
     credited: int = 0
     _wake: trio.Event = attrs.Factory(trio.Event)

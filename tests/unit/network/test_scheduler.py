@@ -52,7 +52,7 @@ def spec(job_id: str = "chatcmpl-1", model: str = "m") -> JobSpec:
 async def net() -> AsyncIterator[tuple[Scheduler, Registry, Hook]]:
     reg = registry()
     hook = Hook()
-    scheduler = Scheduler(CONFIG, reg, reg.metrics, hook)
+    scheduler = Scheduler(CONFIG, reg, reg.metrics, hook, reg.clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         yield scheduler, reg, hook

@@ -12,29 +12,20 @@ from typing import Any
 
 import attrs
 import bolt11
-import httpx
 import pytest
 import trio
 
 from ledger import book
 from routecat.money.lightning.backend import Payment, check_invoice
 from routecat.money.lightning.errors import InvoiceRejected, LightningError
-from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
-from tests.servers import Network, assert_error, register, start_network, start_node
-from tests.test_money import catalog, ledger_ok
-from tests.test_network import chat, wait_for
+from tests.clients import topup, wait_for
+from tests.servers import assert_error, earn, ledger_ok, register, start_network
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "routecat", *args], capture_output=True, text=True, timeout=60
     )
-
-
-async def topup(c: httpx.AsyncClient, sats: int) -> dict[str, Any]:
-    r = await c.post("/v1/auth/topup", json={"amount_sats": sats})
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 async def test_dev_wallet_invoice_decodes(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -154,45 +145,15 @@ async def test_pending_invoice_paid_while_gateway_down_is_credited_on_restart(
         )
         # The payer's wallet pays while the gateway is down (the dev wallet's state is in the DB).
         from ledger.store import Store
+        from routecat.clock import Clock
         from routecat.money.lightning.devwallet import DevWallet
 
         store = Store.open(net.gateway.config.database)
-        await DevWallet(store).settle_own(body["invoice"])
+        await DevWallet(store, Clock()).settle_own(body["invoice"])
         store.close()
         again = await start_gateway(nursery, network_config(tmp_path))
         async with again.client(headers={"Authorization": f"Bearer {net.key}"}) as c:
             assert (await c.get("/v1/auth/balance")).json()["balance_sats"] == 300
-
-
-async def earn(
-    nursery: trio.Nursery, tmp_path: Path, mode: str = "good", **overrides: Any
-) -> tuple[Network, LnurlServer]:
-    """A network whose node has a Lightning Address on a local LNURL server, and has
-    earned over its 100-sat threshold from paid jobs; the dev wallet is funded."""
-    lnurl = await start_lnurl(nursery, mode)
-    settings = {
-        "catalog": catalog(tmp_path),
-        "lnurl_base_url_override": lnurl.url,
-        "payout_interval": "0.2",
-        "payout_threshold_sats": "100",
-        "free_daily_requests": "0",  # paid jobs: payable at once
-        **overrides,
-    }
-    net = await start_network(nursery, tmp_path, nodes=0, **settings)
-    engine = await start_engine(nursery, Knobs())
-    node = await start_node(nursery, net.url, engine, payout_address="alice@provider.example")
-    net.nodes.append(node)
-    gw = net.gateway.gw
-    # Fund the operator's dev wallet: a customer tops up 5,000 sats.
-    async with net.client() as c:
-        body = await topup(c, 5000)
-        await gw.lightning.settle_own(body["invoice"])  # type: ignore[attr-defined]
-        gw.topups.wake()
-        await wait_for(lambda: gw.topups.credited == 1)
-        for i in range(12):  # each paid job earns the provider ~10.45 sats
-            r = await c.post("/v1/chat/completions", json=chat(f"job {i}", max_tokens=2000))
-            assert r.status_code == 200, r.text
-    return net, lnurl
 
 
 async def test_payout_reaches_lightning_address_once(nursery: trio.Nursery, tmp_path: Path) -> None:

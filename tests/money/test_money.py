@@ -19,41 +19,24 @@ import pytest
 import trio
 
 from ledger import book
+from routecat.clock import Clock
 from routecat.money.settlement import billable
 from routecat.network.jobs import JobResult
+from tests.clients import chat, read_sse, wait_for
 from tests.fakes import Knobs, serve_app, start_engine
-from tests.servers import Network, assert_error, fund, register, start_network, start_node
-from tests.test_network import chat, read_sse, wait_for
+from tests.servers import (
+    assert_error,
+    balance,
+    catalog,
+    fund,
+    ledger_ok,
+    register,
+    start_network,
+    start_node,
+)
+
 
 # 1 input token = 1 sat, 1 output token = 2 sats at the tests' pinned $100,000/BTC.
-CATALOG = """
-[default]
-input = "500"
-output = "500"
-[models."llama3.1:8b"]
-input = "1000"
-output = "2000"
-"""
-
-
-def catalog(tmp_path: Path) -> str:
-    path = tmp_path / "catalog.toml"
-    path.write_text(CATALOG)
-    return str(path)
-
-
-async def balance(net: Network, key: str | None = None) -> dict[str, int]:
-    async with net.gateway.client(headers={"Authorization": f"Bearer {key or net.key}"}) as c:
-        r = await c.get("/v1/auth/balance")
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-
-async def ledger_ok(net: Network) -> None:
-    result = await net.gateway.gw.store.read(book.check)
-    assert result.ok, result
-
-
 async def test_free_then_paid_billing_is_exact(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(30):
         net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
@@ -404,7 +387,7 @@ async def test_price_feed_against_misbehaving_sources(
             },
             environ={},
         )
-        feed = RateFeed(config, Metrics(), source_timeout=0.5)
+        feed = RateFeed(config, Metrics(), Clock(), source_timeout=0.5)
         assert feed.rate is None and not feed.pinned
         answers.update(
             coinbase=("json", {"data": {"rates": {"USD": "0"}}}),

@@ -17,45 +17,9 @@ import trio_websocket
 from owlrun.agent import open_gateway_socket
 from owlrun.identity import Identity
 from owlrun.protocol import NODE_HEADER, SECRET_HEADER, WS_PATH, Hello, ModelInfo, decode, encode
+from tests.clients import MODEL, chat, read_sse, text_of, wait_for
 from tests.fakes import Knobs
 from tests.servers import assert_error, start_network, start_node
-
-MODEL = "llama3.1:8b"
-
-
-def chat(text: str, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
-
-
-async def read_sse(response: httpx.Response) -> tuple[list[dict[str, Any]], bool, list[str]]:
-    """Events, whether [DONE] came, and comment lines."""
-    events: list[dict[str, Any]] = []
-    comments: list[str] = []
-    done = False
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            comments.append(line)
-        elif line.startswith("data: "):
-            payload = line[6:]
-            if payload == "[DONE]":
-                done = True
-            else:
-                events.append(json.loads(payload))
-    return events, done, comments
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    return "".join(
-        (c.get("delta") or {}).get("content") or c.get("text") or ""
-        for e in events
-        for c in e.get("choices", [])
-    )
-
-
-async def wait_for(predicate: Any, timeout: float = 5) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 def test_chunk_frames_round_trip_and_batches() -> None:

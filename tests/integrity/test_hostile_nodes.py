@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 from ledger import book
 from ledger.money import cost_msat
 from routecat.gateway import Gateway
+from tests.clients import MODEL, chat, read_sse, text_of
 from tests.fakes import Knobs, start_engine
 from tests.rogue import ROGUE_MODEL, rogue_node
 from tests.servers import fund, network_config, register, start_gateway, start_node
-from tests.test_network import MODEL, chat, read_sse, text_of
 
 PAID_MODEL = "rogue-paid"
 EXAMPLES = int(os.environ.get("ROUTECAT_HOSTILE_EXAMPLES", "200"))

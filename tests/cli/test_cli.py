@@ -14,9 +14,9 @@ import httpx
 import trio
 
 from routecat.api.admin import socket_path
+from tests.clients import chat, wait_for
 from tests.fakes import Knobs
 from tests.servers import start_network
-from tests.test_network import chat, wait_for
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,10 +20,9 @@ import trio
 
 from ledger import book
 from routecat.money.keys import hash_key
+from tests.clients import MODEL
 from tests.fakes import Knobs
-from tests.servers import fund, register, start_network
-from tests.test_money import catalog
-from tests.test_network import MODEL
+from tests.servers import catalog, fund, register, start_network
 
 PAID_MODEL = "paid-model:1b"  # not in the free catalog
 REQUESTS = 200

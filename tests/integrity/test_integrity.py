@@ -26,11 +26,18 @@ from ledger.store import Store
 from owlrun.agent import open_gateway_socket
 from routecat.money.lightning.errors import LnurlError
 from routecat.money.lightning.lnurl import parse_address
+from tests.clients import MODEL, chat, read_sse, text_of, wait_for
 from tests.fakes import Knobs
 from tests.rogue import ROGUE_MODEL, rogue_node
-from tests.servers import assert_error, register, start_gateway, start_network
-from tests.test_money import balance, catalog, ledger_ok
-from tests.test_network import MODEL, chat, read_sse, text_of, wait_for
+from tests.servers import (
+    assert_error,
+    balance,
+    catalog,
+    ledger_ok,
+    register,
+    start_gateway,
+    start_network,
+)
 
 
 async def count(net: Any, sql: str, *params: Any) -> Any:
@@ -890,7 +897,7 @@ async def test_routing_fee_over_the_cap_is_flagged(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from routecat.money.lightning.backend import Payment
-    from tests.test_lightning import earn
+    from tests.servers import earn
 
     with trio.fail_after(60):
         net, _ = await earn(nursery, tmp_path, payout_interval="3600")

@@ -1,0 +1,1 @@
+"""The website: pages, charts, templates and static files (no script from elsewhere)."""

@@ -42,7 +42,8 @@ log = logging.getLogger("routecat.http")
 
 
 def create_app(gw: Gateway) -> App:
-    app = App("routecat")
+    # Static files are the web blueprint's (routecat/web/static); the app itself has none.
+    app = App("routecat", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = gw.config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy")
+    session.install("-e", ".[test,postgres]", "mypy")
     session.run("mypy", *PACKAGES)
 
 
@@ -46,6 +46,26 @@ def hostile(session: nox.Session) -> None:
         *session.posargs,
         env={"ROUTECAT_HOSTILE_EXAMPLES": examples},
     )
+
+
+@nox.session
+def postgres(session: nox.Session) -> None:
+    """The whole default suite against PostgreSQL: a throwaway cluster (Debian's
+    package, run as the postgres user), one fresh database per test."""
+    session.install("-e", ".[test,postgres]")
+    workdir = Path(session.create_tmp()) / "pg"
+    url = session.run("python", "-m", "tests.pgcluster", "start", str(workdir), silent=True)
+    assert isinstance(url, str)
+    try:
+        session.run(
+            "pytest",
+            "-m",
+            "not e2e",
+            *session.posargs,
+            env={"ROUTECAT_TEST_POSTGRES": url.strip().splitlines()[-1]},
+        )
+    finally:
+        session.run("python", "-m", "tests.pgcluster", "stop", str(workdir))
 
 
 @nox.session

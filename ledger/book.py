@@ -362,9 +362,9 @@ def check(db: Connection) -> Check:
     mismatched = [
         (r[0], int(r[1]), int(r[2]))
         for r in db.execute(
-            "SELECT a.id, a.balance_msat, COALESCE(SUM(p.amount_msat), 0) AS s"
+            "SELECT a.id, a.balance_msat, COALESCE(SUM(p.amount_msat), 0)"
             " FROM accounts a LEFT JOIN postings p ON p.account = a.id"
-            " GROUP BY a.id HAVING a.balance_msat != s"
+            " GROUP BY a.id HAVING a.balance_msat != COALESCE(SUM(p.amount_msat), 0)"
         )
     ]
     unbalanced = [
@@ -376,9 +376,9 @@ def check(db: Connection) -> Check:
     reservations = [
         (r[0], int(r[1]), int(r[2]))
         for r in db.execute(
-            "SELECT a.id, a.reserved_msat, COALESCE(SUM(r.amount_msat), 0) AS s"
+            "SELECT a.id, a.reserved_msat, COALESCE(SUM(r.amount_msat), 0)"
             " FROM accounts a LEFT JOIN reservations r ON r.account = a.id"
-            " GROUP BY a.id HAVING a.reserved_msat != s"
+            " GROUP BY a.id HAVING a.reserved_msat != COALESCE(SUM(r.amount_msat), 0)"
         )
     ]
     total = db.execute("SELECT COALESCE(SUM(amount_msat), 0) FROM postings").fetchone()[0]

@@ -156,7 +156,7 @@ def _forget_keys(config: Config) -> None:
     from routecat.api.admin import admin_call
 
     with contextlib.suppress(LookupError):
-        admin_call(config.database, "POST", "/keys/invalidate")
+        admin_call(config, "POST", "/keys/invalidate")
 
 
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
@@ -197,10 +197,10 @@ def cmd_wallet(config: Config, args: argparse.Namespace) -> int:
     from routecat.api.admin import admin_call
 
     if args.command == "wallet":
-        data = admin_call(config.database, "POST", "/wallet/pay", {"invoice": args.invoice})
+        data = admin_call(config, "POST", "/wallet/pay", {"invoice": args.invoice})
         print(f"paid {data['payment_hash']} (top-up {data['topup']})")
     else:
-        data = admin_call(config.database, "POST", "/lightning/reconcile")
+        data = admin_call(config, "POST", "/lightning/reconcile")
         print(f"reconciled: {data['topups_credited']} top-ups credited")
     return 0
 
@@ -279,7 +279,7 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
     from routecat.server import open_store
 
     if args.action == "list":
-        data = admin_call(config.database, "GET", "/nodes")
+        data = admin_call(config, "GET", "/nodes")
         print(f"{data['nodes_online']} nodes online, {data['in_flight']} jobs in flight")
         for n in data["nodes"]:
             state = "draining" if n["draining"] else ("cooling" if n["cooling_down_s"] else "ok")
@@ -298,9 +298,7 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
         store.close()
     # Offline or not connected: the ban holds at its next hello.
     with contextlib.suppress(LookupError):
-        admin_call(
-            config.database, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"}
-        )
+        admin_call(config, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"})
     print(f"banned {args.node_id}: {args.reason}")
     return 0
 

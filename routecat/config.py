@@ -105,6 +105,9 @@ class Config:
 
     # Admin endpoint (loopback only, token in a 0600 file next to the database).
     admin: bool = True
+    # The operator's Unix socket; empty: next to a SQLite file, or ./routecat.admin.sock
+    # with PostgreSQL (give each replica on one host its own).
+    admin_socket: str = ""
 
     def payout_threshold(self, wanted: int | None) -> int:
         """A provider's payout threshold in sats: what it asked for (or the default),

@@ -15,7 +15,7 @@ import attrs
 import httpx
 import trio
 
-from ledger.store import Store
+from ledger.store import Storage
 from routecat.api.clientip import IPNetwork, parse_networks
 from routecat.api.ratelimit import SlidingWindow
 from routecat.clock import Clock
@@ -45,7 +45,7 @@ CLOSE_TIMEOUT = 5.0
 class Gateway:
     config: Config
     clock: Clock
-    store: Store
+    store: Storage
     keys: KeyRing
     metrics: Metrics
     register_limit: SlidingWindow
@@ -82,7 +82,7 @@ def _closing(close: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[N
 
 @contextlib.asynccontextmanager
 async def open_gateway(
-    config: Config, *, clock: Clock | None = None, store: Store | None = None
+    config: Config, *, clock: Clock | None = None, store: Storage | None = None
 ) -> AsyncIterator[Gateway]:
     """Build every component for ``config``; close what they hold on exit.
 

@@ -20,7 +20,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from ledger.store import Store
+from ledger.store import Storage
 from routecat.api.admin import create_admin_app, prepare_socket, secure_socket, socket_path
 from routecat.api.app import create_app
 from routecat.config import Config
@@ -32,7 +32,7 @@ log = logging.getLogger("routecat")
 Service = Callable[..., Awaitable[Any]]
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config) -> Storage:
     return schema.open_store(config.database)
 
 
@@ -114,7 +114,7 @@ async def serve_admin(
     gw: Gateway, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """The operator's endpoint on a 0600 Unix socket next to the database."""
-    path = socket_path(gw.config.database)
+    path = socket_path(gw.config)
     prepare_socket(path)
     hc = hypercorn.config.Config()
     hc.bind = [f"unix:{path}"]

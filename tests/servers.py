@@ -4,6 +4,7 @@ of fake engines, and the helpers that register and fund keys against them."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import httpx
 import trio
 
 from ledger import book
+from ledger.store import Storage, Store
 from routecat.config import Config
 from routecat.gateway import Gateway
 from routecat.server import serve_gateway
+from tests import pgcluster
 from tests.clients import chat, topup, wait_for
 from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
 
@@ -33,9 +36,38 @@ class Running:
         return httpx.AsyncClient(base_url=self.url, timeout=30, **kwargs)
 
 
+def database(tmp_path: Path, name: str = "routecat.db") -> str:
+    """Where a test keeps its data: a fresh PostgreSQL database when the suite runs
+    against PostgreSQL (``nox -s postgres``), else a SQLite file in ``tmp_path``."""
+    admin = os.environ.get(pgcluster.ENV)
+    return pgcluster.fresh_database(admin) if admin else str(tmp_path / name)
+
+
+def on_postgres() -> bool:
+    return bool(os.environ.get(pgcluster.ENV))
+
+
+def open_test_store(tmp_path: Path, name: str = "test.db") -> Storage:
+    """A store with no tables yet (the caller migrates what it needs)."""
+    url = database(tmp_path, name)
+    if on_postgres():
+        from ledger.postgres import PostgresStore
+
+        return PostgresStore.open(url)
+    return Store.open(url)
+
+
+def reopen(database: str) -> Storage:
+    """The store of a gateway that ran on ``database`` (tables already migrated)."""
+    from routecat.db.schema import open_store
+
+    return open_store(database)
+
+
 def make_config(tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
     settings: dict[str, Any] = {
-        "database": str(tmp_path / "routecat.db"),
+        "database": database(tmp_path),
+        "admin_socket": str(tmp_path / "admin.sock"),
         "port": 0,
         "register_limit_per_hour": 1000,
         "log_level": "WARNING",

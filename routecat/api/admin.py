@@ -16,12 +16,19 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from routecat.api.http import error_response, json_response
+from routecat.config import Config
+from routecat.db.schema import is_postgres, redact, sqlite_path
 from routecat.errors import InvalidRequest, NotFound, RequestError
 from routecat.gateway import Gateway
 
 
-def socket_path(database: str) -> str:
-    return os.path.abspath(database) + ".admin.sock"
+def socket_path(config: Config) -> str:
+    """The admin socket of the gateway that ``config`` describes."""
+    if config.admin_socket:
+        return os.path.abspath(config.admin_socket)
+    if is_postgres(config.database):
+        return os.path.abspath("routecat.admin.sock")
+    return os.path.abspath(sqlite_path(config.database)) + ".admin.sock"
 
 
 def create_admin_app(gw: Gateway) -> QuartTrio:
@@ -119,9 +126,10 @@ async def secure_socket(path: str) -> None:
         await trio.sleep(0.01)
 
 
-def admin_call(database: str, method: str, path: str, body: Any = None) -> Any:
+def admin_call(config: Config, method: str, path: str, body: Any = None) -> Any:
     """Call the running gateway's admin endpoint (used by the CLI)."""
-    sock = socket_path(database)
+    sock = socket_path(config)
+    database = redact(config.database)
     if not os.path.exists(sock):
         raise LookupError(f"no gateway is running on {database} (no {sock})")
     try:

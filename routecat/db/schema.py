@@ -11,8 +11,10 @@ seconds (REAL). Each column keeps one kind for ever (migrations only append).
 
 from __future__ import annotations
 
+import re
+
 from ledger import book
-from ledger.store import Migration, Store
+from ledger.store import Migration, Storage, Store
 
 COMPONENT = "routecat"
 
@@ -149,9 +151,17 @@ MIGRATIONS = (
 )
 
 
-def open_store(path: str) -> Store:
-    """The SQLite store at ``path``, with the ledger's and the gateway's tables migrated."""
-    store = Store.open(path)
+def open_store(database: str) -> Storage:
+    """The store for ``database``, with the ledger's and the gateway's tables migrated:
+    ``postgresql://...`` (or ``postgres://``) is PostgreSQL, shared by replicas; anything
+    else is a SQLite file (``sqlite:///path`` or a plain path)."""
+    store: Storage
+    if database.startswith(("postgresql://", "postgres://")):
+        from ledger.postgres import PostgresStore  # psycopg: the postgres extra
+
+        store = PostgresStore.open(database)
+    else:
+        store = Store.open(sqlite_path(database))
     try:
         store.migrate(book.COMPONENT, book.MIGRATIONS)
         store.migrate(COMPONENT, MIGRATIONS)
@@ -159,3 +169,22 @@ def open_store(path: str) -> Store:
         store.close()
         raise
     return store
+
+
+def sqlite_path(database: str) -> str:
+    """The file of a SQLite database setting: ``sqlite:///rel/path``, ``sqlite:////abs``
+    or a plain path."""
+    return (
+        database.removeprefix("sqlite://").removeprefix("/")
+        if database.startswith("sqlite:///")
+        else database
+    )
+
+
+def is_postgres(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def redact(database: str) -> str:
+    """A database setting fit for messages and logs: a URL's password is masked."""
+    return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", database)

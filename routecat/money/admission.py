@@ -16,7 +16,7 @@ import attrs
 
 from ledger import book
 from ledger.money import cost_msat
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock, utc_day
 from routecat.config import Config
 from routecat.db import quota
@@ -37,7 +37,7 @@ class Admission:
 
 @attrs.define(eq=False)
 class Admissions:
-    store: Store
+    store: Storage
     config: Config
     catalog: Catalog
     rates: RateFeed

@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from ledger import book
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from owlrun.protocol import Earnings as EarningsFrame
 from routecat.clock import Clock
 from routecat.db import payouts
@@ -25,7 +25,7 @@ log = logging.getLogger("routecat.earnings")
 
 @attrs.define(eq=False)
 class Earnings:
-    store: Store
+    store: Storage
     registry: Registry
     clock: Clock
     _dirty_nodes: set[str] = attrs.Factory(set)

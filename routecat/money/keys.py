@@ -14,7 +14,7 @@ import string
 
 import attrs
 
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock
 from routecat.db import keys as stored
 from routecat.db.keys import ApiKey
@@ -80,7 +80,7 @@ class KeyRing:
     of the running gateway through the admin socket, so they take effect at once.
     """
 
-    store: Store
+    store: Storage
     clock: Clock
     _cache: dict[str, tuple[ApiKey, float]] = attrs.Factory(dict)
 
@@ -113,7 +113,7 @@ class KeyRing:
 # -- operator commands (synchronous, offline) ----------------------------------------
 
 
-def list_keys(store: Store) -> list[ApiKey]:
+def list_keys(store: Storage) -> list[ApiKey]:
     return store.read_sync(stored.all_keys)
 
 
@@ -129,7 +129,7 @@ def find_by_prefix(db: Connection, prefix: str) -> ApiKey:
     return matches[0]
 
 
-def revoke_key(store: Store, prefix: str) -> ApiKey:
+def revoke_key(store: Storage, prefix: str) -> ApiKey:
     def revoke(db: Connection) -> ApiKey:
         record = find_by_prefix(db, prefix)
         stored.revoke_key(db, record.id, Clock().now_iso())
@@ -138,7 +138,7 @@ def revoke_key(store: Store, prefix: str) -> ApiKey:
     return store.write_sync(revoke)
 
 
-def rotate_key(store: Store, prefix: str) -> tuple[ApiKey, str]:
+def rotate_key(store: Storage, prefix: str) -> tuple[ApiKey, str]:
     """A new secret for the same key id: balance, quota and history stay."""
     key = mint_key()
 

@@ -30,7 +30,7 @@ import trio
 
 from ledger import book
 from ledger.money import cost_msat, split
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock, iso
 from routecat.config import Config
 from routecat.db import jobs, quota
@@ -109,7 +109,7 @@ def job_record(
 
 @attrs.define(eq=False)
 class Settlement:
-    store: Store
+    store: Storage
     config: Config
     admissions: Admissions
     reputation: Reputation

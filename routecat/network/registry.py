@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from owlrun.protocol import Hello, ModelInfo
 from routecat.clock import Clock
 from routecat.db import nodes as stored
@@ -43,7 +43,7 @@ def hash_secret(secret: str) -> str:
 class Registry:
     """Online nodes, their models, and which models the network has seen lately."""
 
-    store: Store
+    store: Storage
     metrics: Metrics
     clock: Clock
     nodes: dict[str, NodeLink] = attrs.Factory(dict)

@@ -29,7 +29,7 @@ async def test_nodes_list_and_ban(nursery: trio.Nursery, tmp_path: Path) -> None
     with trio.fail_after(30):
         net = await start_network(nursery, tmp_path, nodes=2)
         db = net.gateway.config.database
-        sock = socket_path(db)
+        sock = socket_path(net.gateway.config)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         out = await trio.to_thread.run_sync(lambda: run_cli("nodes", "list", "--database", db))
         assert out.returncode == 0, out.stderr

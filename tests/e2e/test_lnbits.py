@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from ledger import book
+from routecat.api.admin import socket_path
 from tests.clients import chat, wait_for
 from tests.e2e.lnbits import LNbits, Wallet
 from tests.fakes import Knobs, start_engine
@@ -93,11 +94,12 @@ async def test_paid_while_the_gateway_was_down(
         async with net.client() as c:
             body = (await c.post("/v1/auth/topup", json={"amount_sats": 300})).json()
         net.gateway.stop.set()
-        await wait_for(
-            lambda: not Path(net.gateway.config.database + ".admin.sock").exists(), timeout=15
-        )
+        await wait_for(lambda: not Path(socket_path(net.gateway.config)).exists(), timeout=15)
         await trio.to_thread.run_sync(lnbits.pay, customer, body["invoice"])
-        again = await start_gateway(nursery, network_config(tmp_path, environ, **settings))
+        again = await start_gateway(
+            nursery,
+            network_config(tmp_path, environ, database=net.gateway.config.database, **settings),
+        )
         async with again.client(headers={"Authorization": f"Bearer {net.key}"}) as c:
             assert (await c.get("/v1/auth/balance")).json()["balance_msat"] == 300_000
             assert (await c.get(f"/v1/auth/topup/{body['payment_hash']}")).json()[

@@ -22,7 +22,6 @@ import trio_websocket
 
 from ledger import book
 from ledger.errors import WrongDirection
-from ledger.store import Store
 from owlrun.agent import open_gateway_socket
 from routecat.money.lightning.errors import LnurlError
 from routecat.money.lightning.lnurl import parse_address
@@ -34,7 +33,9 @@ from tests.servers import (
     balance,
     catalog,
     ledger_ok,
+    open_test_store,
     register,
+    reopen,
     start_gateway,
     start_network,
 )
@@ -97,7 +98,8 @@ async def test_invalid_usage_is_billed_as_unreported(
 
 
 def test_ledger_refuses_and_check_catches_a_negative_cost(tmp_path: Path) -> None:
-    store = Store.open(str(tmp_path / "l.db"))
+    store = open_test_store(tmp_path, "l.db")
+    where = store.path
     store.migrate(book.COMPONENT, book.MIGRATIONS)
     with pytest.raises(WrongDirection):
         store.write_sync(lambda db: book.post_job(db, "job:x", "user:1", "provider:n", -5))
@@ -125,7 +127,7 @@ def test_ledger_refuses_and_check_catches_a_negative_cost(tmp_path: Path) -> Non
     assert "not paid by exactly one user or the subsidy" in problems
     store.close()
     out = subprocess.run(
-        [sys.executable, "-m", "routecat", "ledger", "check", "--database", str(tmp_path / "l.db")],
+        [sys.executable, "-m", "routecat", "ledger", "check", "--database", where],
         capture_output=True,
         text=True,
         timeout=60,
@@ -208,7 +210,7 @@ async def test_stored_bad_address_cannot_stop_the_gateway(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery:
             gateway = await start_gateway(nursery, config)
             gateway.stop.set()
-        store = Store.open(config.database)
+        store = reopen(config.database)
 
         def plant(db: Any) -> None:
             db.execute(
@@ -384,8 +386,9 @@ async def test_client_gone_before_response_start_is_cancelled(
 # -- 5. a cancelled admission commits nothing -------------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_cancelled_write_never_commits(tmp_path: Path) -> None:
-    store = Store.open(str(tmp_path / "w.db"))
+    store = open_test_store(tmp_path, "w.db")
     store.migrate(book.COMPONENT, book.MIGRATIONS)
 
     def slow(db: Any) -> None:
@@ -415,12 +418,13 @@ async def test_cancelled_write_never_commits(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_writer_cancelled_before_its_batch_runs_loses_no_other_write(
     tmp_path: Path,
 ) -> None:
     """The lock holder is cancelled while its batch waits for a worker thread (found by
     the disconnect fuzz): the others' writes in that batch still commit, its own never."""
-    store = Store.open(str(tmp_path / "w.db"))
+    store = open_test_store(tmp_path, "w.db")
     store.migrate(book.COMPONENT, book.MIGRATIONS)
     inner = store._run
 

@@ -28,9 +28,11 @@ from tests.servers import (
     assert_error,
     balance,
     catalog,
+    database,
     fund,
     ledger_ok,
     register,
+    reopen,
     start_network,
     start_node,
 )
@@ -489,7 +491,25 @@ async def test_operator_cli_credit_check_history(nursery: trio.Nursery, tmp_path
 async def test_sigkill_with_jobs_in_flight_loses_nothing(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    db = str(tmp_path / "kill.db")
+    db = database(tmp_path, "kill.db")
+
+    def reservations() -> tuple[int, int]:
+        """Open reservations and the accounts' reserved sum, read beside the gateway."""
+        store = reopen(db)
+        try:
+            return store.read_sync(
+                lambda c: (
+                    int(c.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]),
+                    int(
+                        c.execute(
+                            "SELECT COALESCE(SUM(reserved_msat), 0) FROM accounts"
+                        ).fetchone()[0]
+                    ),
+                )
+            )
+        finally:
+            store.close()
+
     env = {
         **os.environ,
         "ROUTECAT_DATABASE": db,
@@ -552,15 +572,8 @@ async def test_sigkill_with_jobs_in_flight_loses_nothing(
                 for _ in range(50):
                     inner.start_soon(stream_forever)
                 await wait_for(lambda: engine.active == 50, timeout=20)
-                reserved = await trio.run_process(
-                    [
-                        sys.executable,
-                        "-c",
-                        f"import sqlite3;print(sqlite3.connect('{db}').execute('select count(*) from reservations').fetchone()[0])",
-                    ],
-                    capture_stdout=True,
-                )
-                assert int(reserved.stdout) == 50
+                count, _ = await trio.to_thread.run_sync(reservations)
+                assert count == 50
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
         starts = 1
@@ -573,15 +586,7 @@ async def test_sigkill_with_jobs_in_flight_loses_nothing(
                 check=False,
             )
             assert check.returncode == 0, check.stdout
-            left = await trio.run_process(
-                [
-                    sys.executable,
-                    "-c",
-                    f"import sqlite3;c=sqlite3.connect('{db}');print(c.execute('select count(*) from reservations').fetchone()[0], c.execute('select sum(reserved_msat) from accounts').fetchone()[0])",
-                ],
-                capture_stdout=True,
-            )
-            assert left.stdout.split() == [b"0", b"0"]
+            assert await trio.to_thread.run_sync(reservations) == (0, 0)
             async with httpx.AsyncClient(base_url=url) as c:
                 audit = (await c.get("/v1/audit?per_page=100")).json()
             assert set(completed) <= {j["id"] for j in audit["jobs"]}

@@ -489,7 +489,11 @@ async def test_agent_reconnects_after_gateway_restart(
         await wait_for(lambda: not node.agent.connected, timeout=10)
         from tests.servers import network_config, start_gateway
 
-        config = network_config(tmp_path, port=str(int(net.url.rsplit(":", 1)[1])))
+        config = network_config(
+            tmp_path,
+            port=str(int(net.url.rsplit(":", 1)[1])),
+            database=net.gateway.config.database,
+        )
         again = await start_gateway(nursery, config)
         await wait_for(lambda: node.id in again.gw.registry.nodes, timeout=15)
         async with again.client(headers={"Authorization": f"Bearer {net.key}"}) as c:

@@ -19,7 +19,7 @@ import bolt11
 from bolt11.models.tags import TagChar, Tags
 from coincurve import PrivateKey
 
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock
 from routecat.db import devwallet as stored
 from routecat.money.lightning.backend import Invoice, InvoiceStatus, Payment, check_invoice
@@ -28,7 +28,7 @@ from routecat.money.lightning.errors import InvoiceRejected, LightningError
 
 @attrs.define(eq=False)
 class DevWallet:
-    store: Store
+    store: Storage
     clock: Clock
     name: str = "dev"
     network: str = "regtest"

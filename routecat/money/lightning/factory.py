@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ledger.store import Store
+from ledger.store import Storage
 from routecat.clock import Clock
 from routecat.config import Config
 from routecat.errors import ConfigError
@@ -11,7 +11,7 @@ from routecat.money.lightning.devwallet import DevWallet
 from routecat.money.lightning.remote import LNbits, LndRest, Phoenixd, lnd_client
 
 
-def make_backend(config: Config, store: Store, clock: Clock) -> Backend:
+def make_backend(config: Config, store: Storage, clock: Clock) -> Backend:
     kind = config.lightning
     if kind == "dev":
         return DevWallet(store, clock=clock)

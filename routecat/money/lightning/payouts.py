@@ -27,7 +27,7 @@ import bolt11
 import trio
 
 from ledger import book
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock
 from routecat.config import Config
 from routecat.db import nodes
@@ -138,7 +138,7 @@ def describe_error(exc: BaseException) -> str:
 
 @attrs.define(eq=False)
 class Payouts:
-    store: Store
+    store: Storage
     config: Config
     backend: Backend
     resolver: Resolver

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ledger import book
-from ledger.store import Connection, Store
+from ledger.store import Connection, Storage
 from routecat.clock import Clock, rfc3339
 from routecat.config import Config
 from routecat.db import topups as stored
@@ -59,7 +59,7 @@ def credit_topup(db: Connection, payment_hash: str, now: float) -> bool:
 
 @attrs.define(eq=False)
 class Topups:
-    store: Store
+    store: Storage
     config: Config
     backend: Backend
     clock: Clock

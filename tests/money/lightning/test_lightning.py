@@ -16,10 +16,11 @@ import pytest
 import trio
 
 from ledger import book
+from routecat.api.admin import socket_path
 from routecat.money.lightning.backend import Payment, check_invoice
 from routecat.money.lightning.errors import InvoiceRejected, LightningError
 from tests.clients import topup, wait_for
-from tests.servers import assert_error, earn, ledger_ok, register, start_network
+from tests.servers import assert_error, earn, ledger_ok, register, reopen, start_network
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -140,18 +141,17 @@ async def test_pending_invoice_paid_while_gateway_down_is_credited_on_restart(
         async with net.client() as c:
             body = await topup(c, 300)
         net.gateway.stop.set()
-        await wait_for(
-            lambda: not Path(net.gateway.config.database + ".admin.sock").exists(), timeout=10
-        )
+        await wait_for(lambda: not Path(socket_path(net.gateway.config)).exists(), timeout=10)
         # The payer's wallet pays while the gateway is down (the dev wallet's state is in the DB).
-        from ledger.store import Store
         from routecat.clock import Clock
         from routecat.money.lightning.devwallet import DevWallet
 
-        store = Store.open(net.gateway.config.database)
+        store = reopen(net.gateway.config.database)
         await DevWallet(store, Clock()).settle_own(body["invoice"])
         store.close()
-        again = await start_gateway(nursery, network_config(tmp_path))
+        again = await start_gateway(
+            nursery, network_config(tmp_path, database=net.gateway.config.database)
+        )
         async with again.client(headers={"Authorization": f"Bearer {net.key}"}) as c:
             assert (await c.get("/v1/auth/balance")).json()["balance_sats"] == 300
 

@@ -101,6 +101,12 @@ MIGRATIONS = (
         CREATE INDEX holds_account ON holds (account, release_at);
         """,
     ),
+    Migration(
+        2,
+        """
+        ALTER TABLE reservations ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+        """,
+    ),
 )
 
 
@@ -188,7 +194,12 @@ def balance(db: Connection, account: str) -> tuple[int, int]:
 
 
 def reserve(
-    db: Connection, reservation_id: str, account: str, amount_msat: int, now: float
+    db: Connection,
+    reservation_id: str,
+    account: str,
+    amount_msat: int,
+    now: float,
+    holder: str = "",
 ) -> bool:
     """Reserve ``amount_msat`` if ``balance - reserved > 0`` (checked and taken atomically)."""
     if amount_msat < 0:
@@ -201,24 +212,33 @@ def reserve(
     )
     if cursor.rowcount == 0:
         return False
-    db.execute(
-        "INSERT INTO reservations (id, account, amount_msat, created_at) VALUES (?, ?, ?, ?)",
-        (reservation_id, account, amount_msat, now),
-    )
+    _insert_reservation(db, reservation_id, account, amount_msat, now, holder)
     return True
 
 
+def _insert_reservation(
+    db: Connection, reservation_id: str, account: str, amount_msat: int, now: float, holder: str
+) -> None:
+    db.execute(
+        "INSERT INTO reservations (id, account, amount_msat, created_at, holder)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (reservation_id, account, amount_msat, now, holder),
+    )
+
+
 def reserve_unconditionally(
-    db: Connection, reservation_id: str, account: str, amount_msat: int, now: float
+    db: Connection,
+    reservation_id: str,
+    account: str,
+    amount_msat: int,
+    now: float,
+    holder: str = "",
 ) -> None:
     ensure_account(db, account)
     db.execute(
         "UPDATE accounts SET reserved_msat = reserved_msat + ? WHERE id = ?", (amount_msat, account)
     )
-    db.execute(
-        "INSERT INTO reservations (id, account, amount_msat, created_at) VALUES (?, ?, ?, ?)",
-        (reservation_id, account, amount_msat, now),
-    )
+    _insert_reservation(db, reservation_id, account, amount_msat, now, holder)
 
 
 def release(db: Connection, reservation_id: str) -> int:
@@ -234,14 +254,19 @@ def release(db: Connection, reservation_id: str) -> int:
     return int(row["amount_msat"])
 
 
-def sweep_reservations(db: Connection, older_than: float, keep: Iterable[str] = ()) -> list[str]:
+def sweep_reservations(
+    db: Connection, older_than: float, keep: Iterable[str] = (), spare: Iterable[str] = ()
+) -> list[str]:
     """Release reservations created before ``older_than`` except those in ``keep``
-    (jobs still running). After a crash, with nothing kept, it releases them all."""
+    (jobs still running) and those whose holder is in ``spare`` (other live processes
+    sharing the database: their jobs are theirs to settle). After a crash, with nothing
+    kept or spared, it releases them all."""
     kept = set(keep)
+    spared = set(spare)
     stale = [
         r["id"]
-        for r in rows(db, "SELECT id FROM reservations WHERE created_at < ?", (older_than,))
-        if r["id"] not in kept
+        for r in rows(db, "SELECT id, holder FROM reservations WHERE created_at < ?", (older_than,))
+        if r["id"] not in kept and r["holder"] not in spared
     ]
     for reservation_id in stale:
         release(db, reservation_id)

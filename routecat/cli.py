@@ -19,15 +19,18 @@ from typing import Any
 
 import attrs
 
+from ledger.store import Connection
 from routecat.clock import Clock
 from routecat.config import Config, load_config
 from routecat.db import nodes as nodes_db
 from routecat.db import payouts as payouts_db
+from routecat.db.cluster import bump_epoch
 from routecat.db.keys import ApiKey
 from routecat.errors import ConfigError
 from routecat.logs import setup_logging
 from routecat.money import keys as keys_mod
 from routecat.money.settlement import credit
+from routecat.network.registry import BANS_EPOCH
 
 HELP = {
     "host": "interface to bind (default 127.0.0.1)",
@@ -292,7 +295,13 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
     store = open_store(config)
     try:
         at = Clock().now_iso()
-        if not store.write_sync(lambda db: nodes_db.ban_node(db, args.node_id, args.reason, at)):
+
+        def ban(db: Connection) -> bool:
+            banned = nodes_db.ban_node(db, args.node_id, args.reason, at)
+            bump_epoch(db, BANS_EPOCH)  # every replica closes the node if it holds it
+            return banned
+
+        if not store.write_sync(ban):
             raise LookupError(f"no node {args.node_id} has ever connected")
     finally:
         store.close()

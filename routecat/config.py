@@ -105,8 +105,13 @@ class Config:
 
     # Admin endpoint (loopback only, token in a 0600 file next to the database).
     admin: bool = True
-    # The operator's Unix socket; empty: next to a SQLite file, or ./routecat.admin.sock
-    # with PostgreSQL (give each replica on one host its own).
+    # Replicas on one PostgreSQL database (docs/scaling.md).
+    cluster_interval: float = 2.0  # how often a replica beats and reads the others
+    replica_liveness: float = 10.0  # silent this long: a replica is dead to the others
+    advertise_url: str = ""  # how other replicas reach this one; empty: the bound URL
+    cluster_secret: str = _secret()  # authenticates forwarded jobs between replicas
+    # The operator's Unix socket; empty: next to a SQLite file, or one per database URL in
+    # the temporary directory with PostgreSQL (give each replica on one host its own).
     admin_socket: str = ""
 
     def payout_threshold(self, wanted: int | None) -> int:

@@ -17,14 +17,15 @@ import trio
 
 from ledger.store import Storage
 from routecat.api.clientip import IPNetwork, parse_networks
-from routecat.api.ratelimit import SlidingWindow
+from routecat.api.ratelimit import Limiter, SharedWindow, SlidingWindow
 from routecat.clock import Clock
 from routecat.config import Config
 from routecat.db import schema
+from routecat.db.schema import is_postgres
 from routecat.metrics import Metrics
 from routecat.money.admission import Admissions
 from routecat.money.earnings import Earnings
-from routecat.money.keys import KeyRing
+from routecat.money.keys import KEYS_EPOCH, KeyRing
 from routecat.money.lightning.backend import Backend
 from routecat.money.lightning.factory import make_backend
 from routecat.money.lightning.lnurl import Resolver, address_problem
@@ -33,7 +34,9 @@ from routecat.money.lightning.topups import Topups
 from routecat.money.pricing import Catalog, load_catalog
 from routecat.money.rates import RateFeed
 from routecat.money.settlement import Settlement
-from routecat.network.registry import Registry
+from routecat.network.cluster import Cluster
+from routecat.network.registry import BANS_EPOCH, Registry
+from routecat.network.remote import Forwarder
 from routecat.network.reputation import Reputation
 from routecat.network.scheduler import Scheduler
 from routecat.version import git_commit, package_version
@@ -48,8 +51,8 @@ class Gateway:
     store: Storage
     keys: KeyRing
     metrics: Metrics
-    register_limit: SlidingWindow
-    request_limit: SlidingWindow
+    register_limit: Limiter
+    request_limit: Limiter
     read_limit: SlidingWindow
     proxies: tuple[IPNetwork, ...]
     version: str
@@ -65,6 +68,8 @@ class Gateway:
     lightning: Backend
     topups: Topups
     payouts: Payouts
+    cluster: Cluster
+    forwarder: Forwarder
     started_at: float
     ready: bool = False
     url: str = ""
@@ -78,6 +83,15 @@ def _closing(close: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[N
             await close()
 
     return shielded
+
+
+def limiter(
+    store: Storage, config: Config, limit: int, window: float, clock: Clock, what: str = "requests"
+) -> Limiter:
+    """A limit shared by every replica on PostgreSQL, in memory on SQLite (one process)."""
+    if is_postgres(config.database):
+        return SharedWindow(store, limit, window, clock.wall, what=what, name=what)
+    return SlidingWindow(limit, window, what=what, clock=clock.monotonic)
 
 
 @contextlib.asynccontextmanager
@@ -106,7 +120,23 @@ async def open_gateway(
         reputation = Reputation(registry, clock=clock)
         admissions = Admissions(store, config, catalog, rates, clock)
         earnings = Earnings(store, registry, clock)
-        settlement = Settlement(store, config, admissions, reputation, earnings, metrics, clock)
+        cluster = Cluster(store, config, registry, clock, shared=is_postgres(config.database))
+        admissions.holder = cluster.id
+        settlement = Settlement(
+            store, config, admissions, reputation, earnings, metrics, clock, cluster.alive_others
+        )
+        keys = KeyRing(store, clock=clock)
+        cluster.on_epoch[KEYS_EPOCH] = keys.invalidated
+        cluster.on_epoch[BANS_EPOCH] = registry.close_banned
+        # Jobs forwarded to other replicas stream for as long as a job runs: no read
+        # timeout here (the scheduler's first- and inter-token timeouts apply).
+        forward_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        stack.push_async_callback(_closing(forward_client.aclose))
+        forwarder = Forwarder(config, registry, clock, forward_client)
+        cluster.on_directory = forwarder.update
         lightning = make_backend(config, store, clock)
         stack.push_async_callback(_closing(lightning.close))
         lnurl_client = httpx.AsyncClient(timeout=10, follow_redirects=False)
@@ -120,12 +150,12 @@ async def open_gateway(
             config=config,
             clock=clock,
             store=store,
-            keys=KeyRing(store, clock=clock),
+            keys=keys,
             metrics=metrics,
-            register_limit=SlidingWindow(
-                config.register_limit_per_hour, 3600.0, what="registrations", clock=clock.monotonic
+            register_limit=limiter(
+                store, config, config.register_limit_per_hour, 3600.0, clock, "registrations"
             ),
-            request_limit=SlidingWindow(config.rate_limit_per_minute, 60.0, clock=clock.monotonic),
+            request_limit=limiter(store, config, config.rate_limit_per_minute, 60.0, clock),
             read_limit=SlidingWindow(config.read_limit_per_minute, 60.0, clock=clock.monotonic),
             proxies=parse_networks(config.trusted_proxies),
             version=package_version(),
@@ -140,6 +170,10 @@ async def open_gateway(
             reputation=reputation,
             lightning=lightning,
             topups=Topups(store, config, lightning, clock=clock),
-            payouts=Payouts(store, config, lightning, resolver, metrics, clock=clock),
+            payouts=Payouts(
+                store, config, lightning, resolver, metrics, clock=clock, holder=cluster.id
+            ),
+            cluster=cluster,
+            forwarder=forwarder,
             started_at=clock.wall(),
         )

@@ -67,6 +67,10 @@ async def serve_gateway(
         app = create_app(gw)
         await gw.registry.load()
         await nursery.start(gw.rates.run)
+        # Who else shares the database, before the sweeper decides whose reservations
+        # are orphans.
+        await nursery.start(gw.forwarder.run)
+        await gw.cluster.sync()
         await nursery.start(gw.settlement.sweep)
         await nursery.start(gw.earnings.publish_earnings)
         await nursery.start(gw.settlement.retry_settlements)
@@ -89,6 +93,8 @@ async def serve_gateway(
             nursery.cancel_scope.cancel()
 
         binds: list[str] = await nursery.start(serve_http)
+        gw.cluster.url = config.advertise_url or binds[0].replace("0.0.0.0", "127.0.0.1")
+        await nursery.start(gw.cluster.run)
         if config.admin:
             await nursery.start(serve_admin, gw, stop)
         url = binds[0].replace("0.0.0.0", "127.0.0.1")

@@ -26,9 +26,11 @@ async def client(gateway: Running) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not on_postgres():
-        return
-    skip = pytest.mark.skip(reason="the SQLite store's own mechanics; the suite runs on PostgreSQL")
+    """Backend-specific tests are skipped, each with its reason, on the other backend."""
+    if on_postgres():
+        marker, reason = "sqlite_only", "the SQLite store's own mechanics (suite on PostgreSQL)"
+    else:
+        marker, reason = "postgres_only", "replicas need PostgreSQL: run nox -s postgres"
     for item in items:
-        if "sqlite_only" in item.keywords:
-            item.add_marker(skip)
+        if marker in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -64,10 +64,30 @@ def reopen(database: str) -> Storage:
     return open_store(database)
 
 
+def everything_stored(database: str) -> bytes:
+    """Every byte the database holds: the SQLite files, or every row of every table."""
+    if not on_postgres():
+        return b"".join(
+            p.read_bytes()
+            for p in Path(database).parent.glob(Path(database).name + "*")
+            if p.is_file()
+        )
+    import psycopg
+
+    out = []
+    with psycopg.connect(database) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        ).fetchall()
+        for (table,) in tables:
+            for (row,) in conn.execute(f'SELECT row_to_json(t)::text FROM "{table}" t'):
+                out.append(row.encode())
+    return b"\n".join(out)
+
+
 def make_config(tmp_path: Path, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
     settings: dict[str, Any] = {
         "database": database(tmp_path),
-        "admin_socket": str(tmp_path / "admin.sock"),
         "port": 0,
         "register_limit_per_hour": 1000,
         "log_level": "WARNING",

@@ -22,7 +22,7 @@ log = logging.getLogger("routecat.http")
 def register_accounts(app: App, gw: Gateway) -> None:
     @app.post("/v1/auth/register")
     async def register() -> Response:
-        gw.register_limit.acquire_nowait(remote_ip(gw))
+        await gw.register_limit.acquire(remote_ip(gw))
         body = parse_request(RegisterRequest, await read_json())
         record, key = await gw.keys.register(body.name)
         log.info("registered key %s", record.prefix)

@@ -7,7 +7,9 @@ public one, so no public route can ever lead to it.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from typing import Any
 
 import httpx
@@ -27,7 +29,10 @@ def socket_path(config: Config) -> str:
     if config.admin_socket:
         return os.path.abspath(config.admin_socket)
     if is_postgres(config.database):
-        return os.path.abspath("routecat.admin.sock")
+        # One per database URL, in the temporary directory (a second replica on the same
+        # host needs its own ``admin_socket``, or ``admin = false``).
+        digest = hashlib.sha256(config.database.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"routecat-{digest}.admin.sock")
     return os.path.abspath(sqlite_path(config.database)) + ".admin.sock"
 
 

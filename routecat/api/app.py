@@ -33,6 +33,7 @@ from routecat.api.http import (
     App,
     error_response,
 )
+from routecat.api.internal import register_internal
 from routecat.api.nodes import serve_node_websocket
 from routecat.api.public import register_public
 from routecat.gateway import Gateway
@@ -127,6 +128,7 @@ def create_app(gw: Gateway) -> App:
         await serve_node_websocket(gw.registry, gw.config, gw.earnings.mark_dirty)
 
     register_public(app, gw)
+    register_internal(app, gw)
     register_accounts(app, gw)
     return app
 

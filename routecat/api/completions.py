@@ -61,7 +61,7 @@ async def open_job(
     gw: Gateway, kind: JobKind
 ) -> tuple[JobHandle, ChatCompletionRequest | CompletionRequest]:
     key = await gw.keys.authenticate(request.headers.get("Authorization"))
-    gw.request_limit.acquire_nowait(f"key:{key.id}")
+    await gw.request_limit.acquire(f"key:{key.id}")
     cls: type[ChatCompletionRequest | CompletionRequest] = (
         ChatCompletionRequest if kind == "chat" else CompletionRequest
     )

@@ -100,3 +100,11 @@ def remember_models(db: Connection, names: Iterable[str], at: float) -> None:
             " ON CONFLICT(model) DO UPDATE SET last_seen = excluded.last_seen",
             (name, at),
         )
+
+
+def banned_among(db: Connection, node_ids: Iterable[str]) -> list[str]:
+    """Which of ``node_ids`` are banned."""
+    wanted = list(node_ids)
+    return [
+        r[0] for r in rows(db, "SELECT id FROM nodes WHERE banned_at IS NOT NULL") if r[0] in wanted
+    ]

@@ -148,6 +148,40 @@ MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        5,
+        """
+        CREATE TABLE replicas (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            seen_at REAL NOT NULL
+        );
+        CREATE TABLE node_directory (
+            node_id TEXT PRIMARY KEY,
+            replica_id TEXT NOT NULL,
+            models TEXT NOT NULL,
+            capacity INTEGER NOT NULL,
+            in_flight INTEGER NOT NULL,
+            seen_at REAL NOT NULL
+        );
+        CREATE INDEX node_directory_replica ON node_directory (replica_id);
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            until REAL NOT NULL
+        );
+        CREATE TABLE epochs (
+            name TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        );
+        CREATE TABLE rate_hits (
+            bucket TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX rate_hits_bucket ON rate_hits (bucket, at);
+        """,
+    ),
 )
 
 

@@ -45,6 +45,7 @@ class Admissions:
     # Jobs admitted by this process whose reservation is still open (queued, running or
     # settling): the sweeper never releases these.
     open_reservations: set[str] = attrs.Factory(set)
+    holder: str = ""  # this replica's id, written on its reservations
 
     def max_cost(self, spec: JobSpec, price: Price, rate: Decimal) -> int:
         return cost_msat(
@@ -93,7 +94,9 @@ class Admissions:
                 if quota.subsidy_spent(db, day) + reserved + reserve > budget:
                     return "the gateway's free budget for today is spent"
                 quota.take_free_request(db, spec.key_id, day)
-                book.reserve_unconditionally(db, spec.job_id, book.SUBSIDY, reserve, now)
+                book.reserve_unconditionally(
+                    db, spec.job_id, book.SUBSIDY, reserve, now, self.holder
+                )
                 return None
 
             refused = await self.store.write(take_free)
@@ -111,7 +114,9 @@ class Admissions:
         reserve = self.max_cost(spec, price, rate)
         account = book.user_account(spec.key_id)
 
-        if await self.store.write(lambda db: book.reserve(db, spec.job_id, account, reserve, now)):
+        if await self.store.write(
+            lambda db: book.reserve(db, spec.job_id, account, reserve, now, self.holder)
+        ):
             self.open_reservations.add(spec.job_id)
         else:
             raise InsufficientBalance(

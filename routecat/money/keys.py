@@ -17,6 +17,7 @@ import attrs
 from ledger.store import Connection, Storage
 from routecat.clock import Clock
 from routecat.db import keys as stored
+from routecat.db.cluster import bump_epoch
 from routecat.db.keys import ApiKey
 from routecat.errors import InvalidApiKey, InvalidRequest
 
@@ -25,6 +26,8 @@ BODY_LENGTH = 40
 PREFIX_LENGTH = 11  # "rc_" + 8 characters: about 47 bits shown, more than 190 kept secret
 KEY_PATTERN = re.compile(r"rc_[A-Za-z0-9]{32,128}")
 NAME_MAX = 64
+# The epoch that replicas watch to drop cached keys (revoked or rotated elsewhere).
+KEYS_EPOCH = "keys"
 
 
 def mint_key() -> str:
@@ -87,6 +90,10 @@ class KeyRing:
     def invalidate(self) -> None:
         self._cache.clear()
 
+    async def invalidated(self) -> None:
+        """The cluster's hook: another replica (or the CLI) revoked or rotated a key."""
+        self.invalidate()
+
     async def register(self, name: str) -> tuple[ApiKey, str]:
         name = clean_name(name)
         key = mint_key()
@@ -133,6 +140,7 @@ def revoke_key(store: Storage, prefix: str) -> ApiKey:
     def revoke(db: Connection) -> ApiKey:
         record = find_by_prefix(db, prefix)
         stored.revoke_key(db, record.id, Clock().now_iso())
+        bump_epoch(db, KEYS_EPOCH)  # every replica drops its cached keys
         return attrs.evolve(record, revoked=True)
 
     return store.write_sync(revoke)
@@ -147,6 +155,7 @@ def rotate_key(store: Storage, prefix: str) -> tuple[ApiKey, str]:
         if record.revoked:
             raise LookupError(f"key {record.prefix} is revoked")
         stored.set_key_hash(db, record.id, hash_key(key), key[:PREFIX_LENGTH])
+        bump_epoch(db, KEYS_EPOCH)
         return attrs.evolve(record, prefix=key[:PREFIX_LENGTH])
 
     return store.write_sync(rotate), key

@@ -116,6 +116,8 @@ class Settlement:
     earnings: Earnings
     metrics: Metrics
     clock: Clock
+    # Other live replicas sharing the database: their reservations are theirs to settle.
+    alive_others: Callable[[], set[str]] = set
     settled: int = 0
     _unsettled: dict[str, Callable[[Connection], Bill]] = attrs.Factory(dict)
     _retry: trio.Event = attrs.Factory(trio.Event)
@@ -263,10 +265,14 @@ class Settlement:
                 self._retry = trio.Event()
 
     async def sweep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Release reservations left by a crash (all of them at start), then, periodically,
-        any that no admitted request of this process holds (``open_reservations``: queued,
-        running, or settling)."""
-        released = await self.store.write(lambda db: book.sweep_reservations(db, float("inf")))
+        """Release reservations left by a crash (at start, all but those of other live
+        replicas), then, periodically, any that no admitted request of this process holds
+        (``open_reservations``: queued, running, or settling) and no other live replica
+        holds (a dead replica's are released here, by the survivors)."""
+        spare = self.alive_others()
+        released = await self.store.write(
+            lambda db: book.sweep_reservations(db, float("inf"), spare=spare)
+        )
         if released:
             log.warning("released %d reservations left by an earlier run", len(released))
         task_status.started()
@@ -278,6 +284,7 @@ class Settlement:
                         book.sweep_reservations,
                         older_than=self.clock.wall() - self.config.sweep_interval,
                         keep=set(self.admissions.open_reservations),
+                        spare=self.alive_others(),
                     )
                 )
             except Exception as exc:  # the store briefly failing: the next round retries

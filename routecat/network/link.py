@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -124,35 +124,20 @@ class NodeLink(Protocol):
     def describe(self, now: float) -> dict[str, Any]: ...
 
 
-@attrs.define(eq=False)
-class NativeLink:
-    """A node running owlrun (or anything that speaks its protocol)."""
+class LinkCounters:
+    """The bookkeeping every kind of link shares: attempts, slots, failures and
+    cooldowns, speed averages, reputation. A link class provides the fields."""
 
-    id: str
-    name: str
-    agent_version: str
+    attempts: dict[str, Attempt]
     capacity: int
-    models: dict[str, ModelInfo]
-    hardware: Hardware
-    payout_address: str
-    payout_threshold_sats: int
-    outbox: trio.MemorySendChannel[Message]
-    connected_at: float
-    last_seen: float
-    protocol_version: int = PROTOCOL_VERSION
-    clock: Callable[[], float] = trio.current_time
-    attempts: dict[str, Attempt] = attrs.Factory(dict)
-    # job id -> until when late frames for it are dropped quietly
-    cancelled: dict[str, float] = attrs.Factory(dict)
-    draining: bool = False
-    cooldown_until: float = 0.0
-    failures: int = 0
-    jobs_done: int = 0
-    ttft_ema: float | None = None
-    tps_ema: float | None = None
-    reputation: float = 1.0
-    closed_reason: str | None = None
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)  # the session's
+    draining: bool
+    closed_reason: str | None
+    cooldown_until: float
+    failures: int
+    jobs_done: int
+    ttft_ema: float | None
+    tps_ema: float | None
+    reputation: float
 
     @property
     def in_flight(self) -> int:
@@ -161,43 +146,11 @@ class NativeLink:
     def has_slot(self) -> bool:
         return not self.draining and self.closed_reason is None and self.in_flight < self.capacity
 
-    def send_nowait(self, message: Message) -> bool:
-        """Queue a frame for the node; a node whose queue is full is not reading: drop it."""
-        try:
-            self.outbox.send_nowait(message)
-        except trio.WouldBlock:
-            self.close("not reading its socket")
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
-
-    def cancel_job(self, job_id: str, reason: str) -> None:
-        """Tell the node to stop a job; its frames still in flight are then expected."""
-        self.cancelled[job_id] = self.clock() + CANCEL_GRACE
-        self.send_nowait(Cancel(job_id=job_id, reason=reason))
-
-    def is_late(self, job_id: str) -> bool:
-        """A frame for a job this node was given and the gateway cancelled (in grace)."""
-        until = self.cancelled.get(job_id)
-        return until is not None and until > self.clock()
-
-    def forget_cancelled(self) -> None:
-        now = self.clock()
-        for job_id in [j for j, until in self.cancelled.items() if until <= now]:
-            del self.cancelled[job_id]
-
     def open_attempt(self, job_id: str) -> Attempt:
         send, receive = trio.open_memory_channel[NodeFrame](INBOX_SIZE)
-        attempt = Attempt(job_id, self, send, receive)
+        attempt = Attempt(job_id, cast(NodeLink, self), send, receive)
         self.attempts[job_id] = attempt
         return attempt
-
-    def close(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
-            log.warning("closing node %s: %s", self.id, reason)
-        self.scope.cancel()
 
     def succeeded(self, ttft: float | None, tokens: int, seconds: float) -> None:
         """A job done: failures forgotten, speed averages updated."""
@@ -227,6 +180,69 @@ class NativeLink:
         else:
             self.reputation = max(0.05, self.reputation * PENALTY)
             self.cooldown_until = max(self.cooldown_until, now + cooldown)
+
+
+@attrs.define(eq=False)
+class NativeLink(LinkCounters):
+    """A node running owlrun (or anything that speaks its protocol)."""
+
+    id: str
+    name: str
+    agent_version: str
+    capacity: int
+    models: dict[str, ModelInfo]
+    hardware: Hardware
+    payout_address: str
+    payout_threshold_sats: int
+    outbox: trio.MemorySendChannel[Message]
+    connected_at: float
+    last_seen: float
+    protocol_version: int = PROTOCOL_VERSION
+    clock: Callable[[], float] = trio.current_time
+    attempts: dict[str, Attempt] = attrs.Factory(dict)
+    # job id -> until when late frames for it are dropped quietly
+    cancelled: dict[str, float] = attrs.Factory(dict)
+    draining: bool = False
+    cooldown_until: float = 0.0
+    failures: int = 0
+    jobs_done: int = 0
+    ttft_ema: float | None = None
+    tps_ema: float | None = None
+    reputation: float = 1.0
+    closed_reason: str | None = None
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)  # the session's
+
+    def send_nowait(self, message: Message) -> bool:
+        """Queue a frame for the node; a node whose queue is full is not reading: drop it."""
+        try:
+            self.outbox.send_nowait(message)
+        except trio.WouldBlock:
+            self.close("not reading its socket")
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def cancel_job(self, job_id: str, reason: str) -> None:
+        """Tell the node to stop a job; its frames still in flight are then expected."""
+        self.cancelled[job_id] = self.clock() + CANCEL_GRACE
+        self.send_nowait(Cancel(job_id=job_id, reason=reason))
+
+    def is_late(self, job_id: str) -> bool:
+        """A frame for a job this node was given and the gateway cancelled (in grace)."""
+        until = self.cancelled.get(job_id)
+        return until is not None and until > self.clock()
+
+    def forget_cancelled(self) -> None:
+        now = self.clock()
+        for job_id in [j for j, until in self.cancelled.items() if until <= now]:
+            del self.cancelled[job_id]
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            log.warning("closing node %s: %s", self.id, reason)
+        self.scope.cancel()
 
     def describe(self, now: float) -> dict[str, Any]:
         return {

@@ -25,6 +25,8 @@ from routecat.metrics import Metrics
 from routecat.network.link import NodeLink
 
 KNOWN_FOR = 24 * 3600.0
+# The epoch that replicas watch to close nodes banned elsewhere.
+BANS_EPOCH = "bans"
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
 MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 MAX_MODELS = 1000
@@ -46,7 +48,8 @@ class Registry:
     store: Storage
     metrics: Metrics
     clock: Clock
-    nodes: dict[str, NodeLink] = attrs.Factory(dict)
+    nodes: dict[str, NodeLink] = attrs.Factory(dict)  # the nodes whose sockets we hold
+    remote: dict[str, NodeLink] = attrs.Factory(dict)  # other replicas' (network.remote)
     model_seen: dict[str, float] = attrs.Factory(dict)
     catalog_models: frozenset[str] = frozenset()
     # Why a payout address cannot be used (None: it can); the money layer supplies the
@@ -66,12 +69,16 @@ class Registry:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def everywhere(self) -> list[NodeLink]:
+        """Our nodes, then the other replicas' (a node is in one or the other)."""
+        return [*self.nodes.values(), *(n for i, n in self.remote.items() if i not in self.nodes)]
+
     def serving(self, model: str) -> list[NodeLink]:
-        return [n for n in self.nodes.values() if model in n.models and n.closed_reason is None]
+        return [n for n in self.everywhere() if model in n.models and n.closed_reason is None]
 
     def online_models(self) -> dict[str, list[NodeLink]]:
         out: dict[str, list[NodeLink]] = {}
-        for node in self.nodes.values():
+        for node in self.everywhere():
             if node.closed_reason is None:
                 for model in node.models:
                     out.setdefault(model, []).append(node)
@@ -85,12 +92,19 @@ class Registry:
         return seen is not None and self.clock.wall() - seen < KNOWN_FOR
 
     def pick(self, model: str, exclude: Iterable[str] = ()) -> NodeLink | None:
-        """The best node with a free slot: least loaded, then fastest, then most reputable."""
-        now = self.clock.monotonic()
+        """The best node with a free slot: least loaded, then fastest, then most reputable;
+        one of ours if any is free, else one another replica holds (forwarded)."""
         excluded = set(exclude)
+        local = [n for n in self.nodes.values() if model in n.models and n.closed_reason is None]
+        return self._best(local, excluded) or self._best(
+            [n for n in self.serving(model) if n.id not in self.nodes], excluded
+        )
+
+    def _best(self, candidates: list[NodeLink], excluded: set[str]) -> NodeLink | None:
+        now = self.clock.monotonic()
         best: NodeLink | None = None
         best_score = 0.0
-        for node in self.serving(model):
+        for node in candidates:
             if node.id in excluded or not node.has_slot() or node.cooldown_until > now:
                 continue
             load = (node.in_flight + 1) / node.capacity
@@ -136,3 +150,12 @@ class Registry:
             "models_online": len(self.online_models()),
             "in_flight": sum(n.in_flight for n in self.nodes.values()),
         }
+
+    async def close_banned(self) -> None:
+        """Close every connected node that is banned (the operator banned it, perhaps
+        through another replica)."""
+        ids = list(self.nodes)
+        for node_id in await self.store.read(lambda db: stored.banned_among(db, ids)):
+            node = self.nodes.get(node_id)
+            if node is not None:
+                node.close("banned by the operator")

@@ -30,6 +30,7 @@ from ledger import book
 from ledger.store import Connection, Storage
 from routecat.clock import Clock
 from routecat.config import Config
+from routecat.db import cluster as cluster_db
 from routecat.db import nodes
 from routecat.db import payouts as stored
 from routecat.db.payouts import PayoutHold, PayoutRecord
@@ -42,6 +43,9 @@ log = logging.getLogger("routecat.money.lightning.payouts")
 
 RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
+# One payout worker at a time across replicas: the holder of this lease.
+LEASE = "payouts"
+LEASE_SLACK = 120.0  # a cycle (LNURL round trips, payments) fits well within the lease
 
 
 def fee_cap_msat(amount_msat: int) -> int:
@@ -144,7 +148,18 @@ class Payouts:
     resolver: Resolver
     metrics: Metrics
     clock: Clock
+    holder: str = "gateway"  # this replica's id: one payout worker at a time holds the lease
     paid: int = 0
+
+    def lease_ttl(self) -> float:
+        return 2 * self.config.payout_interval + LEASE_SLACK
+
+    async def lease(self) -> bool:
+        """Take or renew the payout worker's lease; False while another replica holds it."""
+        now, ttl = self.clock.wall(), self.lease_ttl()
+        return await self.store.write(
+            lambda db: cluster_db.take_lease(db, LEASE, self.holder, now, ttl)
+        )
 
     async def due(self) -> list[Due]:
         now = self.clock.wall()
@@ -283,14 +298,27 @@ class Payouts:
             cost = d.amount_msat + fee_cap_msat(d.amount_msat)
             if cost > available:
                 continue
+            if not await self.lease():  # lost to another replica: it carries on
+                return
             if await self.pay(d) in ("paid", "pending"):
                 available -= cost
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._work()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                try:
+                    await self.store.write(lambda db: cluster_db.drop_lease(db, LEASE, self.holder))
+                except Exception as exc:
+                    log.warning("payout lease not released (%r); it expires", exc)
+
+    async def _work(self) -> None:
         while True:
             try:
-                await self.cycle()
+                if await self.lease():
+                    await self.cycle()
             except Exception as exc:  # e.g. the database briefly unavailable: try again later
                 self.metrics.payout_failures.labels("cycle").inc()
                 log.error("payout cycle interrupted: %s", describe_error(exc), exc_info=exc)

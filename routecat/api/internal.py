@@ -1,0 +1,81 @@
+"""The replicas' internal endpoint: run a job forwarded by another replica on one of
+our nodes and stream the node's frames back (``routecat.network.remote`` is the
+other end).
+
+Invariants: only a caller with the cluster secret gets anything (without it, or with
+forwarding off, the route answers like an unknown one); the job runs on the node the
+caller named and on no other (the caller chose it, and fails over itself); the
+forwarding replica admitted and settles the job, so nothing here touches money; when
+the stream ends for any reason the job is released here and, if unfinished, cancelled
+on the node.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+from quart import Response, request
+
+from owlrun.protocol import Done, Job, JobError, ProtocolError, decode, encode
+from routecat import errors
+from routecat.api.http import App, on_exchange_end
+from routecat.gateway import Gateway
+from routecat.network.remote import INTERNAL_PATH
+
+NDJSON = "application/x-ndjson"
+
+
+def _line(frame: Done | JobError | object) -> bytes:
+    return encode(frame).encode() + b"\n"  # type: ignore[arg-type]
+
+
+def register_internal(app: App, gw: Gateway) -> None:
+    @app.post(INTERNAL_PATH.replace("{node_id}", "<node_id>"))
+    async def forwarded_job(node_id: str) -> Response:
+        secret = gw.config.cluster_secret
+        given = request.headers.get("Authorization", "")
+        if not secret or not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
+            raise errors.NotFound(f"no route for POST {request.path}")
+        body = await request.get_data(cache=False)
+        assert isinstance(body, bytes)
+        try:
+            job = decode(body)
+        except ProtocolError as exc:
+            raise errors.InvalidRequest(f"not a job frame: {exc}") from None
+        if not isinstance(job, Job):
+            raise errors.InvalidRequest(f"expected a job frame, got {job.type}")
+        node = gw.registry.nodes.get(node_id)
+        if node is None or not node.has_slot() or job.job_id in node.attempts:
+            why = "not on this replica" if node is None else "busy"
+
+            refusal = JobError(
+                job_id=job.job_id, message=f"node {node_id} is {why}", retryable=True
+            )
+            return Response(_line(refusal), content_type=NDJSON)
+        attempt = node.open_attempt(job.job_id)
+        if not node.send_nowait(job):
+            del node.attempts[job.job_id]
+            gone = JobError(job_id=job.job_id, message="the node went away", retryable=True)
+            return Response(_line(gone), content_type=NDJSON)
+        gw.registry.changed()
+
+        def release() -> None:
+            if node.attempts.get(job.job_id) is attempt:
+                del node.attempts[job.job_id]
+                if not attempt.finished:
+                    node.cancel_job(job.job_id, "the forwarding replica stopped the job")
+            attempt.send.close()
+            gw.registry.changed()
+
+        on_exchange_end(release)
+
+        async def frames() -> AsyncIterator[bytes]:
+            async for frame in attempt.inbox:
+                yield _line(frame)
+                if isinstance(frame, Done | JobError):
+                    return
+            reason = attempt.failure or "the node disconnected"
+            yield _line(JobError(job_id=job.job_id, message=reason, retryable=True))
+
+        return Response(frames(), content_type=NDJSON)

@@ -154,6 +154,8 @@ class Totals:
 
 @attrs.define(eq=False)
 class Agent:
+    # One gateway URL, or several separated by commas (replicas): the agent stays with
+    # the one it is connected to and moves to the next when that connection is lost.
     gateway: str
     identity: Identity
     engine: Engine
@@ -185,6 +187,16 @@ class Agent:
     # Cancelled jobs to acknowledge (protocol 2) when their task ends.
     _acks: set[str] = attrs.Factory(set)
     _flushed: trio.Event = attrs.Factory(trio.Event)
+    _current: int = 0  # index of the gateway in use
+
+    @property
+    def gateways(self) -> list[str]:
+        return [g.strip() for g in self.gateway.split(",") if g.strip()]
+
+    @property
+    def current_gateway(self) -> str:
+        urls = self.gateways
+        return urls[self._current % len(urls)]
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -218,10 +230,14 @@ class Agent:
             if self._welcomed:
                 started = True
                 delay = 0.5
-            sleep = random.uniform(delay / 2, delay)
-            log.info("reconnecting in %.1fs", sleep)
+            self._current += 1  # the next gateway (the same one when there is one)
+            if len(self.gateways) > 1 and self._current % len(self.gateways):
+                sleep = random.uniform(0.05, 0.2)  # another replica: try it at once
+            else:
+                sleep = random.uniform(delay / 2, delay)
+                delay = min(delay * 2, 30.0)
+            log.info("reconnecting to %s in %.1fs", self.current_gateway, sleep)
             await trio.sleep(sleep)
-            delay = min(delay * 2, 30.0)
 
     async def refresh_models(self) -> bool:
         """Ask the engine what it serves now; True when that changed."""
@@ -245,7 +261,7 @@ class Agent:
             (NODE_HEADER, self.identity.node_id),
             (SECRET_HEADER, self.identity.secret),
         ]
-        url = websocket_url(self.gateway)
+        url = websocket_url(self.current_gateway)
         async with open_gateway_socket(url, headers, max_message_size=self.max_message_bytes) as ws:
             hello = Hello(
                 node_id=self.identity.node_id,
@@ -272,7 +288,7 @@ class Agent:
             self.sessions += 1
             log.info(
                 "connected to %s as %s (payout threshold %d sats)",
-                self.gateway,
+                self.current_gateway,
                 reply.node_id,
                 reply.payout_threshold_sats,
             )

@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="owlrun",
         description="Earn sats serving AI inference for a RouteCat gateway.",
     )
-    p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://route.cat")
+    p.add_argument(
+        "--gateway",
+        required=True,
+        action="append",
+        help="gateway base URL, e.g. https://route.cat; give several (repeated or"
+        " comma-separated) for replicas: the agent fails over between them",
+    )
     p.add_argument("--lightning-address", default="", help="where payouts go (LUD-16, you@domain)")
     p.add_argument("--backend", choices=["ollama", "openai"], default="ollama")
     p.add_argument("--ollama-url", default="http://localhost:11434", help="Ollama base URL")
@@ -65,7 +71,7 @@ async def main_async(args: argparse.Namespace) -> int:
     timeout = httpx.Timeout(connect=10, read=None, write=30, pool=30)
     async with httpx.AsyncClient(timeout=timeout) as client:
         agent = Agent(
-            gateway=args.gateway,
+            gateway=",".join(args.gateway),
             identity=identity,
             engine=make_engine(args, client),
             max_jobs=max(1, args.max_jobs),

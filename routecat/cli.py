@@ -26,6 +26,7 @@ from routecat.db import nodes as nodes_db
 from routecat.db import payouts as payouts_db
 from routecat.db.cluster import bump_epoch
 from routecat.db.keys import ApiKey
+from routecat.db.schema import is_postgres
 from routecat.errors import ConfigError
 from routecat.logs import setup_logging
 from routecat.money import keys as keys_mod
@@ -127,7 +128,19 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
             ("accounts", "every account with its balance and reservations", []),
         ],
     ),
-    ("db", "database maintenance", [("backup", "online backup of the SQLite file", ["target"])]),
+    (
+        "db",
+        "database maintenance",
+        [
+            ("backup", "online backup of the SQLite file", ["target"]),
+            ("migrate", "create or update the tables (safe with replicas starting at once)", []),
+            (
+                "copy",
+                "copy a SQLite install into an empty database (e.g. PostgreSQL), then check both",
+                ["source", "target"],
+            ),
+        ],
+    ),
     (
         "nodes",
         "provider nodes",
@@ -266,12 +279,44 @@ def cmd_ledger(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
-    from routecat.server import open_store
+    from ledger import book
+    from routecat.db import copy as copy_db
+    from routecat.db.schema import is_postgres, open_store, redact
+    from routecat.server import open_store as open_configured
 
-    store = open_store(config)
+    if args.action == "copy":
+        if is_postgres(args.source):
+            raise LookupError("the source of a copy is a SQLite install (sqlite:///path)")
+        source, target = open_store(args.source), open_store(args.target)
+        try:
+            copied = copy_db.copy(source, target, postgres_target=is_postgres(args.target))
+            for table, count in copied.items():
+                print(f"{table:20} {count:>10} rows")
+            ok = True
+            for name, store in (("source", source), ("target", target)):
+                result = store.read_sync(book.check)
+                print(
+                    f"ledger check of the {name} ({redact(store.path)}): "
+                    + ("OK" if result.ok else "BROKEN")
+                )
+                for problem in result.problems():
+                    print(f"BROKEN {problem}")
+                ok = ok and result.ok
+        finally:
+            source.close()
+            target.close()
+        return 0 if ok else 1
+    store = open_configured(config)
     try:
-        store.backup(args.target)
-        print(f"backed up {config.database} to {args.target}")
+        if args.action == "migrate":
+            print(f"{redact(config.database)}: tables up to date")
+        else:
+            if is_postgres(config.database):
+                raise LookupError(
+                    "back up PostgreSQL with its own tools (pg_dump, or base backups and WAL)"
+                )
+            store.backup(args.target)
+            print(f"backed up {config.database} to {args.target}")
     finally:
         store.close()
     return 0
@@ -281,6 +326,8 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
     from routecat.api.admin import admin_call
     from routecat.server import open_store
 
+    if args.action == "list" and is_postgres(config.database):
+        return _list_cluster_nodes(config)
     if args.action == "list":
         data = admin_call(config, "GET", "/nodes")
         print(f"{data['nodes_online']} nodes online, {data['in_flight']} jobs in flight")
@@ -309,6 +356,35 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
     with contextlib.suppress(LookupError):
         admin_call(config, "POST", f"/nodes/{args.node_id}/disconnect", {"reason": "banned"})
     print(f"banned {args.node_id}: {args.reason}")
+    return 0
+
+
+def _list_cluster_nodes(config: Config) -> int:
+    """Every replica's nodes, from the node directory (PostgreSQL: no single gateway
+    holds them all)."""
+    import time
+
+    from routecat.db import cluster
+    from routecat.server import open_store
+
+    store = open_store(config)
+    try:
+        since = time.time() - config.replica_liveness
+        replicas = store.read_sync(lambda db: cluster.replicas(db, since))
+        entries = store.read_sync(lambda db: cluster.directory(db, since))
+    finally:
+        store.close()
+    live = {r.id: r.url for r in replicas}
+    entries = [e for e in entries if e.replica_id in live]
+    print(
+        f"{len(entries)} nodes online on {len(live)} replicas,"
+        f" {sum(e.in_flight for e in entries)} jobs in flight"
+    )
+    for e in entries:
+        print(
+            f"{e.node_id:24} load {e.in_flight}/{e.capacity}  replica {e.replica_id}"
+            f" ({live[e.replica_id]})  models: {', '.join(e.models)}"
+        )
     return 0
 
 

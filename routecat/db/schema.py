@@ -180,6 +180,11 @@ MIGRATIONS = (
             at REAL NOT NULL
         );
         CREATE INDEX rate_hits_bucket ON rate_hits (bucket, at);
+        CREATE TABLE free_claims (
+            job_id TEXT PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            day TEXT NOT NULL
+        );
         """,
     ),
 )

@@ -93,7 +93,7 @@ class Admissions:
                 _, reserved = book.balance(db, book.SUBSIDY)
                 if quota.subsidy_spent(db, day) + reserved + reserve > budget:
                     return "the gateway's free budget for today is spent"
-                quota.take_free_request(db, spec.key_id, day)
+                quota.take_free_request(db, spec.key_id, day, spec.job_id)
                 book.reserve_unconditionally(
                     db, spec.job_id, book.SUBSIDY, reserve, now, self.holder
                 )
@@ -132,8 +132,8 @@ class Admissions:
             return
 
         def undo(db: Connection) -> None:
-            if book.release(db, spec.job_id) and admission.free:
-                quota.give_back_free_request(db, spec.key_id, admission.day)
+            book.release(db, spec.job_id)
+            quota.settle_claim(db, spec.job_id, give_back=True)
 
         await self.store.write(undo)
         self.open_reservations.discard(spec.job_id)

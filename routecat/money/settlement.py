@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
@@ -203,9 +203,8 @@ class Settlement:
             if provider_share and result.node_id:
                 book.hold(db, tx, provider, provider_share, now + self.config.probation_days * DAY)
             quota.add_subsidy_spent(db, admission.day, bill.cost_msat)
-            if not charge:
-                # A free request that was not served (nothing billed) keeps its quota.
-                quota.give_back_free_request(db, spec.key_id, admission.day)
+            # A free request that was not served (nothing billed) keeps its quota.
+            quota.settle_claim(db, spec.job_id, give_back=not charge)
         if charge:
             jobs.insert_job(
                 db, job_record(result, usage, bill.cost_msat, provider_share, admission.free)
@@ -271,7 +270,7 @@ class Settlement:
         holds (a dead replica's are released here, by the survivors)."""
         spare = self.alive_others()
         released = await self.store.write(
-            lambda db: book.sweep_reservations(db, float("inf"), spare=spare)
+            lambda db: sweep_and_give_back(db, float("inf"), spare=spare)
         )
         if released:
             log.warning("released %d reservations left by an earlier run", len(released))
@@ -281,7 +280,7 @@ class Settlement:
             try:
                 stale = await self.store.write(
                     functools.partial(
-                        book.sweep_reservations,
+                        sweep_and_give_back,
                         older_than=self.clock.wall() - self.config.sweep_interval,
                         keep=set(self.admissions.open_reservations),
                         spare=self.alive_others(),
@@ -292,6 +291,18 @@ class Settlement:
                 continue
             if stale:
                 log.warning("released %d stale reservations", len(stale))
+
+
+def sweep_and_give_back(
+    db: Connection, older_than: float, keep: Iterable[str] = (), spare: Iterable[str] = ()
+) -> list[str]:
+    """Release orphaned reservations (``book.sweep_reservations``) and give back the free
+    requests their jobs claimed: a job that never settled billed nothing (DESIGN
+    section 3, the crash row)."""
+    released = book.sweep_reservations(db, older_than, keep, spare)
+    for job_id in released:
+        quota.settle_claim(db, job_id, give_back=True)
+    return released
 
 
 def credit(db: Connection, key_id: int, amount_msat: int, memo: str, key: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -261,3 +262,205 @@ async def test_a_dead_replicas_reservations_are_released_by_a_live_one(
             assert await trio.to_thread.run_sync(left) == ["job:alive"]
         finally:
             store.close()
+
+
+async def test_sigkill_one_replica_with_streams_in_flight(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """DESIGN section 3's crash row across replicas: A dies with streams in flight; they
+    end, nothing is billed for them, their free requests come back, B's sweeper releases
+    A's reservations, and the node fails over to B and serves again."""
+    import os
+    import signal
+    import sys
+
+    from tests.servers import database
+
+    db = database(tmp_path)
+    base = {
+        **os.environ,
+        "ROUTECAT_DATABASE": db,
+        "ROUTECAT_PORT": "0",
+        "ROUTECAT_CATALOG": catalog(tmp_path),
+        "ROUTECAT_BTC_USD": "100000",
+        "ROUTECAT_RATE_LIMIT_PER_MINUTE": "100000",
+        "ROUTECAT_HEARTBEAT_INTERVAL": "0.5",
+        "ROUTECAT_CLUSTER_SECRET": SECRET,
+        "ROUTECAT_CLUSTER_INTERVAL": "0.2",
+        "ROUTECAT_REPLICA_LIVENESS": "2",
+        "ROUTECAT_SWEEP_INTERVAL": "0.5",
+        "ROUTECAT_FREE_DAILY_REQUESTS": "20",
+        "ROUTECAT_FREE_DAILY_BUDGET_SATS": "100000000",
+    }
+
+    async def start(name: str) -> tuple[trio.Process, str]:
+        env = {**base, "ROUTECAT_ADMIN_SOCKET": str(tmp_path / f"{name}.sock")}
+        log = tmp_path / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "routecat", "serve"], env=env, stderr=out
+            )
+        with trio.fail_after(20):
+            while "listening on " not in log.read_text():
+                await trio.sleep(0.05)
+        return proc, log.read_text().rsplit("listening on ", 1)[1].split()[0]
+
+    def reservations() -> int:
+        store = reopen(db)
+        try:
+            return int(
+                store.read_sync(
+                    lambda c: c.execute("SELECT COUNT(*) FROM reservations").fetchone()[0]
+                )
+            )
+        finally:
+            store.close()
+
+    a, url_a = await start("a")
+    b, url_b = await start("b")
+    try:
+        with trio.fail_after(90):
+            engine = await start_engine(nursery, Knobs(delay=0.2, repeat=30))
+            node = await start_node(nursery, f"{url_a},{url_b}", engine, max_jobs=20)
+            async with httpx.AsyncClient(base_url=url_a, timeout=30) as c:
+                key = (await c.post("/v1/auth/register", json={"name": "k"})).json()["api_key"]
+                c.headers["Authorization"] = f"Bearer {key}"
+                engine.knobs.delay = 0
+                done = [
+                    (await c.post("/v1/chat/completions", json=chat(f"q{i}"))).json()["id"]
+                    for i in range(2)
+                ]
+                engine.knobs.delay = 0.2
+                ended = 0
+
+                async def stream() -> None:
+                    nonlocal ended
+                    try:
+                        async with c.stream(
+                            "POST", "/v1/chat/completions", json=chat("slow", stream=True)
+                        ) as r:
+                            async for _ in r.aiter_lines():
+                                pass
+                    except httpx.HTTPError:
+                        pass
+                    ended += 1
+
+                async with trio.open_nursery() as inner:
+                    for _ in range(6):
+                        inner.start_soon(stream)
+                    await wait_for(lambda: engine.active == 6, timeout=20)
+                    assert await trio.to_thread.run_sync(reservations) == 6
+                    a.send_signal(signal.SIGKILL)
+                    await a.wait()
+                # Every stream ended (the inner nursery returned) without waiting them out.
+                assert ended == 6
+            # The node moves to B; B's sweeper releases the dead replica's reservations.
+            await wait_for(lambda: node.agent.connected and node.agent.current_gateway == url_b, 20)
+            for _ in range(100):
+                if await trio.to_thread.run_sync(reservations) == 0:
+                    break
+                await trio.sleep(0.1)
+            assert await trio.to_thread.run_sync(reservations) == 0
+            async with httpx.AsyncClient(
+                base_url=url_b, timeout=30, headers={"Authorization": f"Bearer {key}"}
+            ) as c:
+                balance = (await c.get("/v1/auth/balance")).json()
+                assert balance["free_remaining"] == 18  # the 6 unfinished came back
+                engine.knobs.delay = 0
+                r = await c.post("/v1/chat/completions", json=chat("after"))
+                assert r.status_code == 200, r.text
+                audit = {j["id"] for j in (await c.get("/v1/audit")).json()["jobs"]}
+            assert set(done) | {r.json()["id"]} == audit  # nothing else billed
+            check = await trio.run_process(
+                [sys.executable, "-m", "routecat", "ledger", "check", "--database", db],
+                capture_stdout=True,
+                check=False,
+            )
+            assert check.returncode == 0, check.stdout
+    finally:
+        for proc in (a, b):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(10):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+
+
+async def test_db_copy_moves_a_sqlite_install_and_both_ledgers_check(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.servers import database, start_network
+
+    old = str(tmp_path / "old.db")
+    with trio.fail_after(60):
+        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), database=old)
+        async with net.client() as c:
+            for i in range(3):
+                assert (await c.post("/v1/chat/completions", json=chat(f"j{i}"))).status_code == 200
+            before = (await c.get("/v1/auth/balance")).json()
+            audit = (await c.get("/v1/audit")).json()
+        net.gateway.stop.set()
+        await wait_for(lambda: not net.gateway.gw.ready, timeout=10)
+        await trio.sleep(0.5)
+        target = database(tmp_path)
+        out = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "routecat", "db", "copy", f"sqlite:///{old}", target],
+                capture_output=True,
+                text=True,
+            )
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.count(": OK") == 2 and "jobs" in out.stdout
+        # A second copy into the same target is refused: histories are never merged.
+        again = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "routecat", "db", "copy", f"sqlite:///{old}", target],
+                capture_output=True,
+                text=True,
+            )
+        )
+        assert again.returncode == 1 and "already holds" in again.stderr
+        moved = await start_gateway(nursery, network_config(tmp_path, database=target))
+        async with moved.client(headers={"Authorization": f"Bearer {net.key}"}) as c:
+            assert (await c.get("/v1/auth/balance")).json() == before
+            assert (await c.get("/v1/audit")).json() == audit
+            # New ids continue after the copied ones.
+            key = (await c.post("/v1/auth/register", json={"name": "new"})).json()["api_key"]
+        assert key
+        await ledger_ok(moved)
+
+
+async def test_nodes_list_shows_every_replicas_nodes(nursery: trio.Nursery, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with trio.fail_after(60):
+        a, b = await start_replicas(nursery, tmp_path, 2)
+        engine = await start_engine(nursery, Knobs())
+        one = await start_node(nursery, a.url, engine)
+        two = await start_node(nursery, b.url, engine)
+        await wait_for(lambda: len(a.gw.registry.remote) == 1, timeout=20)
+        out = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "routecat",
+                    "nodes",
+                    "list",
+                    "--database",
+                    a.config.database,
+                ],
+                capture_output=True,
+                text=True,
+            )
+        )
+        assert out.returncode == 0, out.stderr
+        assert "2 nodes online on 2 replicas" in out.stdout
+        assert one.id in out.stdout and two.id in out.stdout
+        assert a.gw.cluster.id in out.stdout and b.gw.cluster.id in out.stdout

@@ -464,3 +464,72 @@ async def test_nodes_list_shows_every_replicas_nodes(nursery: trio.Nursery, tmp_
         assert "2 nodes online on 2 replicas" in out.stdout
         assert one.id in out.stdout and two.id in out.stdout
         assert a.gw.cluster.id in out.stdout and b.gw.cluster.id in out.stdout
+
+
+async def test_a_topup_paid_while_its_replica_is_down_is_credited_once_by_another(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from routecat.clock import Clock
+    from routecat.money.lightning.devwallet import DevWallet
+    from tests.clients import topup
+
+    with trio.fail_after(60):
+        a, b = await start_replicas(nursery, tmp_path, 2)
+        async with a.client() as c:
+            key = await register(c)
+            c.headers["Authorization"] = f"Bearer {key}"
+            body = await topup(c, 300)
+        a.stop.set()
+        await wait_for(lambda: not a.gw.ready, timeout=10)
+        # The payer pays while A (which issued the invoice) is down: the dev wallet's
+        # state is in the shared database.
+        store = reopen(a.config.database)
+        try:
+            await DevWallet(store, Clock()).settle_own(body["invoice"])
+        finally:
+            store.close()
+        b.gw.topups.wake()
+        await wait_for(lambda: b.gw.topups.credited == 1, timeout=15)
+        # A comes back and reconciles too: still credited once.
+        again = await start_gateway(nursery, a.config)
+        await again.gw.topups.reconcile(expired_too=True)
+        assert again.gw.topups.credited == 0
+        async with b.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            assert (await c.get("/v1/auth/balance")).json()["balance_sats"] == 300
+            status = (await c.get(f"/v1/auth/topup/{body['payment_hash']}")).json()
+        assert status["status"] == "paid"
+        await ledger_ok(b)
+
+
+async def test_concurrent_payout_workers_pay_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from tests.servers import earn
+
+    with trio.fail_after(90):
+        net, lnurl = await earn(
+            nursery, tmp_path, payout_interval="3600", admin_socket=str(tmp_path / "a.sock")
+        )
+        a = net.gateway
+        b = await start_gateway(
+            nursery,
+            network_config(
+                tmp_path,
+                database=a.config.database,
+                lnurl_base_url_override=lnurl.url,
+                payout_interval="3600",
+                payout_threshold_sats="100",
+                admin_socket=str(tmp_path / "b.sock"),
+            ),
+        )
+        node_id = net.nodes[0].id
+        payable = (await a.gw.earnings.of(node_id))["payable_msat"]
+        assert payable >= 100_000
+        async with trio.open_nursery() as inner:  # both replicas' workers at once
+            inner.start_soon(a.gw.payouts.cycle)
+            inner.start_soon(b.gw.payouts.cycle)
+        await b.gw.payouts.cycle()  # and again, one after the other: nothing more is due
+        await a.gw.payouts.cycle()
+        paid = [p for p in await a.gw.payouts.list() if p.state == "paid"]
+        assert len(paid) == 1 and len(lnurl.invoices) == 1
+        after = await b.gw.earnings.of(node_id)
+        assert after["paid_msat"] == paid[0].amount_msat == payable // 1000 * 1000
+        await ledger_ok(a)

@@ -4,6 +4,7 @@ e2e drives real external components; bench measures (never part of the default s
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import nox
@@ -53,7 +54,8 @@ def postgres(session: nox.Session) -> None:
     """The whole default suite against PostgreSQL: a throwaway cluster (Debian's
     package, run as the postgres user), one fresh database per test."""
     session.install("-e", ".[test,postgres]")
-    workdir = Path(session.create_tmp()) / "pg"
+    # Under /tmp: the postgres user must be able to reach it (not always true of the repo).
+    workdir = Path(tempfile.mkdtemp(prefix="routecat-pg-"))
     url = session.run("python", "-m", "tests.pgcluster", "start", str(workdir), silent=True)
     assert isinstance(url, str)
     try:

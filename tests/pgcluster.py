@@ -47,6 +47,7 @@ def _free_port() -> int:
 def start(workdir: Path) -> str:
     """Initialise and start a cluster under ``workdir``; returns the admin URL."""
     bin_ = bindir()
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o711)
     data = workdir / "pg"
@@ -101,6 +102,7 @@ def start(workdir: Path) -> str:
 
 
 def stop(workdir: Path) -> None:
+    workdir = workdir.resolve()
     subprocess.run(
         _as_postgres(
             [str(bindir() / "pg_ctl"), "-D", str(workdir / "pg" / "data"), "-m", "fast", "stop"]

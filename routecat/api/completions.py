@@ -92,6 +92,8 @@ async def open_job(
     with trio.CancelScope(shield=True):
         spec = await gw.admissions.admit(spec)
     try:
+        # A client that left during admission is noticed here, before any dispatch.
+        await trio.lowlevel.checkpoint_if_cancelled()
         handle = await gw.scheduler.submit(spec)
     except BaseException:
         # No job started (404/503, or the client left while queued): give the

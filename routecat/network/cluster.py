@@ -110,7 +110,10 @@ class Cluster:
         task_status.started()
         try:
             while True:
-                await trio.sleep(self.config.cluster_interval)
+                # Every interval, and at once when one of our nodes comes or goes.
+                with trio.move_on_after(self.config.cluster_interval):
+                    await self.registry.wait_membership()
+                    await trio.sleep(0.05)  # a few arrivals together: one round
                 try:
                     await self.sync()
                 except Exception as exc:  # the database briefly away: the next round

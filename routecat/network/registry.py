@@ -56,6 +56,7 @@ class Registry:
     # Lightning Address rules, so the network layer does not depend on it.
     address_problem: Callable[[str], str | None] = lambda address: None
     _changed: trio.Event = attrs.Factory(trio.Event)
+    _membership: trio.Event = attrs.Factory(trio.Event)
 
     async def load(self) -> None:
         self.model_seen = await self.store.read(stored.models_seen)
@@ -68,6 +69,16 @@ class Registry:
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
+
+    def membership_changed(self) -> None:
+        """A node came, went, drains or changed its models (the cluster republishes the
+        directory at once)."""
+        self._membership.set()
+        self._membership = trio.Event()
+        self.changed()
+
+    async def wait_membership(self) -> None:
+        await self._membership.wait()
 
     def everywhere(self) -> list[NodeLink]:
         """Our nodes, then the other replicas' (a node is in one or the other)."""

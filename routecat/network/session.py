@@ -141,7 +141,7 @@ async def serve_node_session(
     if old is not None:
         old.close("replaced by a new connection of the same node")
     registry.nodes[link.id] = link
-    registry.changed()
+    registry.membership_changed()
     log.info("node %s online: %d models, capacity %d", link.id, len(link.models), link.capacity)
     if on_online is not None:
         on_online(link)
@@ -165,7 +165,7 @@ async def serve_node_session(
         send.close()
         for attempt in list(link.attempts.values()):
             attempt.fail_nowait(f"node disconnected ({link.closed_reason or 'connection lost'})")
-        registry.changed()
+        registry.membership_changed()
         log.info("node %s offline: %s", link.id, link.closed_reason or "connection closed")
 
 
@@ -231,11 +231,11 @@ async def _receive_loop(
             link.models = {m.name: m for m in message.models}
             # Persisting is slow work: never inside the receive loop.
             nursery.start_soon(registry.remember_models, list(link.models))
-            registry.changed()
+            registry.membership_changed()
             log.info("node %s now serves %d models", link.id, len(link.models))
         elif isinstance(message, Drain):
             link.draining = True
-            registry.changed()
+            registry.membership_changed()
             log.info("node %s is draining: %s", link.id, message.reason)
         else:
             link.close(f"unexpected {message.type} frame from a node")

@@ -465,19 +465,24 @@ async def test_client_leaving_during_admission_uses_nothing(
     with trio.fail_after(60):
         net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
         gw = net.gateway.gw
-        original = gw.store._run
 
-        async def slow_run(fn: Any) -> Any:
-            await trio.sleep(0.2)
-            return await original(fn)
+        class SlowStore:
+            """The store, with admission's writes taking 0.2 s (whatever the backend)."""
 
-        gw.store._run = slow_run  # type: ignore[method-assign]
+            def __getattr__(self, name: str) -> Any:
+                return getattr(gw.store, name)
+
+            async def write(self, fn: Any) -> Any:
+                await trio.sleep(0.2)
+                return await gw.store.write(fn)
+
+        gw.admissions.store = SlowStore()  # type: ignore[assignment]
         async with net.client() as c:
             for _ in range(5):
                 with pytest.raises(httpx.ReadTimeout):
                     await c.post("/v1/chat/completions", json=chat("x"), timeout=0.05)
         await trio.sleep(1.0)
-        gw.store._run = original  # type: ignore[method-assign]
+        gw.admissions.store = gw.store
         assert (await balance(net))["free_remaining"] == 10
         assert await count(net, "SELECT COUNT(*) FROM reservations") == 0
         assert net.engine.requests == [] or all(e["complete"] for e in net.engine.log)

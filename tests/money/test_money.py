@@ -518,6 +518,8 @@ async def test_sigkill_with_jobs_in_flight_loses_nothing(
         "ROUTECAT_BTC_USD": "100000",
         "ROUTECAT_RATE_LIMIT_PER_MINUTE": "100000",
         "ROUTECAT_HEARTBEAT_INTERVAL": "0.5",
+        "ROUTECAT_REPLICA_LIVENESS": "2",
+        "ROUTECAT_SWEEP_INTERVAL": "0.5",
     }
 
     async def start() -> tuple[trio.Process, str]:
@@ -586,6 +588,12 @@ async def test_sigkill_with_jobs_in_flight_loses_nothing(
                 check=False,
             )
             assert check.returncode == 0, check.stdout
+            # SQLite: released at start (one process owns the file). PostgreSQL: the dead
+            # process is another replica until it has been silent for replica_liveness.
+            for _ in range(100):
+                if await trio.to_thread.run_sync(reservations) == (0, 0):
+                    break
+                await trio.sleep(0.1)
             assert await trio.to_thread.run_sync(reservations) == (0, 0)
             async with httpx.AsyncClient(base_url=url) as c:
                 audit = (await c.get("/v1/audit?per_page=100")).json()

@@ -181,8 +181,14 @@ def engine(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Measurements (never in CI's default set): see docs/performance.md."""
-    session.install("-e", ".[test]")
+    """Measurements (never in CI's default set): see docs/performance.md.
+    ``nox -s bench -- --replicas 2``: replicas on PostgreSQL beside one on SQLite."""
+    session.install("-e", ".[test,postgres]")
+    if "--replicas" in session.posargs:
+        at = session.posargs.index("--replicas")
+        count = session.posargs[at + 1] if len(session.posargs) > at + 1 else "2"
+        session.run("python", "-m", "tests.bench_replicas", count, *session.posargs[at + 2 :])
+        return
     python, _ = engine_environment(session)
     session.run(
         "python",

@@ -126,7 +126,7 @@ async def gw_stats(gw: Gateway) -> dict[str, Any]:
 
     day = await gw.store.read(lambda db: jobs_db.activity_since(db, since))
     return {
-        "nodes_online": len(gw.registry.nodes),
+        "nodes_online": len(gw.registry.everywhere()),  # every replica's
         "jobs_24h": day.jobs,
         "tokens_24h": day.tokens,
         **gw.rates.describe(),

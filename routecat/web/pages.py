@@ -169,7 +169,7 @@ def create_web(gw: Gateway) -> Blueprint:
             summary=summary,
             history=history,
             denied=denied,
-            online=node_id in gw.registry.nodes,
+            online=node_id in gw.registry.nodes or node_id in gw.registry.remote,
             threshold=gw.config.payout_threshold_sats,
         )
 

@@ -56,7 +56,6 @@ async def setup(database: str, replicas: int, tmp: Path, n: int) -> list[tuple[s
         "ROUTECAT_BTC_USD": "100000",
         "ROUTECAT_CLUSTER_SECRET": "bench-cluster-secret-0123456789",
         "ROUTECAT_FREE_DAILY_REQUESTS": "0",
-        "ROUTECAT_LOG_LEVEL": "WARNING",
     }
     procs: list[trio.Process] = []
     urls: list[str] = []
@@ -156,14 +155,15 @@ async def main() -> None:
     replicas = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 2
     n = 400 if "--quick" in sys.argv else 2000
     tmp = Path(tempfile.mkdtemp(prefix="routecat-bench-replicas-"))
-    admin = pgcluster.start(tmp / "pg")
+    pg = Path(tempfile.mkdtemp(prefix="routecat-bench-pg-"))  # its own: postgres must enter it
+    admin = pgcluster.start(pg)
     rows: list[tuple[str, str]] = []
     try:
         rows += await setup(str(tmp / "bench.db"), 1, tmp, n)
         rows += await setup(pgcluster.fresh_database(admin), 1, tmp, n)
         rows += await setup(pgcluster.fresh_database(admin), replicas, tmp, n)
     finally:
-        pgcluster.stop(tmp / "pg")
+        pgcluster.stop(pg)
     print(f"\nRouteCat replicas bench ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
     print("| setup | result |\n|---|---|")
     for name, value in rows:

@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 
 def start(workdir: Path) -> str:
-    """Initialise and start a cluster under ``workdir``; returns the admin URL."""
+    """Initialise and start a cluster under ``workdir`` (made enterable by the postgres
+    user; its parents must be too, as /tmp is); returns the admin URL."""
     bin_ = bindir()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

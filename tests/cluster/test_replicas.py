@@ -533,3 +533,138 @@ async def test_concurrent_payout_workers_pay_once(nursery: trio.Nursery, tmp_pat
         after = await b.gw.earnings.of(node_id)
         assert after["paid_msat"] == paid[0].amount_msat == payable // 1000 * 1000
         await ledger_ok(a)
+
+
+async def test_the_openai_sdk_through_every_replica(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Three replicas, nodes on two of them: the official SDK gets the same answers,
+    streams and tool calls through each (the third forwards everything)."""
+    import json
+
+    import openai
+
+    with trio.fail_after(90):
+        replicas = await start_replicas(nursery, tmp_path, 3, catalog=catalog(tmp_path))
+        plain = await start_engine(nursery, Knobs())
+        tools_engine = await start_engine(
+            nursery,
+            Knobs(
+                models=["tools:1b"],
+                reply=[],
+                tool_call={"name": "get_weather", "arguments": {"city": "Paris"}},
+            ),
+        )
+        await start_node(nursery, replicas[0].url, plain)
+        await start_node(nursery, replicas[1].url, tools_engine)
+        for r in replicas:
+            await wait_for(lambda r=r: len(r.gw.registry.online_models()) == 2, timeout=20)
+        async with replicas[0].client() as c:
+            key = await register(c)
+        await fund(replicas[0], key, 100_000)
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+        for replica in replicas:
+            client = openai.AsyncOpenAI(base_url=replica.url + "/v1", api_key=key, max_retries=0)
+            r = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=50
+            )
+            assert r.choices[0].message.content == "You said: hello there"
+            assert r.usage is not None and r.usage.completion_tokens == 4
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "stream me please"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [c async for c in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == "You said: stream me please"
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+            t = await client.chat.completions.create(
+                model="tools:1b",
+                messages=[{"role": "user", "content": "weather in Paris?"}],
+                tools=tools,  # type: ignore[list-item]
+            )
+            call = t.choices[0].message.tool_calls[0]  # type: ignore[index]
+            assert t.choices[0].finish_reason == "tool_calls"
+            assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+            await client.close()
+        assert replicas[2].gw.forwarder.forwarded == 3  # everything it served went elsewhere
+        assert replicas[0].gw.forwarder.forwarded == 1  # its tool call: on replica 1's node
+        await ledger_ok(replicas[0])
+
+
+async def test_replicas_starting_at_once_migrate_once(tmp_path: Path) -> None:
+    """Migrations of replicas starting together: one advisory lock, each step once."""
+    from ledger.postgres import PostgresStore
+    from routecat.db.schema import open_store
+    from tests.servers import database
+
+    url = database(tmp_path)
+    stores: list[Any] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(open_store(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(trio.to_thread.run_sync, start)
+    assert errors == [] and len(stores) == 4
+    store = stores[0]
+    assert isinstance(store, PostgresStore)
+    steps = store.read_sync(
+        lambda db: [
+            tuple(r)
+            for r in db.execute(
+                "SELECT component, version FROM schema_migrations ORDER BY component, version"
+            )
+        ]
+    )
+    assert len(steps) == len(set(steps))  # each step recorded once
+    assert ("ledger", 2) in steps and ("routecat", 5) in steps
+    for s in stores:
+        s.close()
+
+
+async def test_a_forwarded_job_fails_over_before_its_first_token(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """B holds no node; the node on A is killed while the job waits for its first
+    token: the job moves to the node on C, and is billed once."""
+    with trio.fail_after(60):
+        a, b, c_ = await start_replicas(nursery, tmp_path, 3, catalog=catalog(tmp_path))
+        engine = await start_engine(nursery, Knobs(first_delay=0.5))
+        on_a = await start_node(nursery, a.url, engine, max_jobs=1)
+        on_c = await start_node(nursery, c_.url, engine, max_jobs=1)
+        await wait_for(lambda: len(b.gw.registry.remote) == 2, timeout=20)
+        async with b.client() as c:
+            key = await register(c)
+        await fund(b, key, 10_000)
+        results: list[httpx.Response] = []
+        async with b.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            async with trio.open_nursery() as inner:
+
+                async def ask() -> None:
+                    results.append(await c.post("/v1/chat/completions", json=chat("fail over")))
+
+                inner.start_soon(ask)
+                nodes = (on_a, on_c)
+                await wait_for(lambda: any(n.agent.statistics()["in_flight"] for n in nodes))
+                busy = next(n for n in nodes if n.agent.statistics()["in_flight"])
+                await busy.kill()
+            audit = (await c.get("/v1/audit")).json()
+        r = results[0]
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "You said: fail over"
+        assert [j["id"] for j in audit["jobs"]] == [r.json()["id"]]  # billed once
+        await ledger_ok(b)

@@ -53,6 +53,25 @@ def _raise_for(response: httpx.Response, what: str) -> None:
         raise EngineError(f"{what}: engine answered HTTP {response.status_code}", retryable)
 
 
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
+        return value
+    return None
+
+
+def _openai_context(model: dict[str, Any]) -> int | None:
+    """A context length from an OpenAI-compatible ``/v1/models`` entry: vLLM's
+    ``max_model_len``, ``context_length`` (LM Studio, OpenRouter-style servers) or
+    llama.cpp's ``meta.n_ctx_train``."""
+    meta = model.get("meta")
+    train = meta.get("n_ctx_train") if isinstance(meta, dict) else None
+    for value in (model.get("max_model_len"), model.get("context_length"), train):
+        found = _positive_int(value)
+        if found is not None:
+            return found
+    return None
+
+
 def _text(content: Any) -> str:
     if content is None:
         return ""
@@ -78,6 +97,8 @@ class OllamaEngine:
 
     url: str
     client: httpx.AsyncClient
+    # model -> context length from ``/api/show`` (asked once per model; None: unknown)
+    _contexts: dict[str, int | None] = attrs.Factory(dict)
 
     async def list_models(self) -> list[ModelInfo]:
         response = await self.client.get(f"{self.url}/api/tags")
@@ -85,15 +106,33 @@ class OllamaEngine:
         models = []
         for m in response.json().get("models", []):
             details = m.get("details") or {}
+            name = str(m.get("name") or m.get("model"))
             models.append(
                 ModelInfo(
-                    name=str(m.get("name") or m.get("model")),
+                    name=name,
                     family=str(details.get("family", "")),
                     parameter_size=str(details.get("parameter_size", "")),
                     quantization=str(details.get("quantization_level", "")),
+                    context_length=await self._context_length(name),
                 )
             )
         return models
+
+    async def _context_length(self, name: str) -> int | None:
+        """``<architecture>.context_length`` of ``/api/show``'s ``model_info``."""
+        if name not in self._contexts:
+            found = None
+            try:
+                response = await self.client.post(f"{self.url}/api/show", json={"model": name})
+                info = response.json().get("model_info") if response.status_code == 200 else None
+                if isinstance(info, dict):
+                    found = _positive_int(
+                        next((v for k, v in info.items() if k.endswith(".context_length")), None)
+                    )
+            except (httpx.HTTPError, ValueError):
+                return None  # asked again at the next refresh
+            self._contexts[name] = found
+        return self._contexts[name]
 
     @staticmethod
     def options(request: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +311,7 @@ class OpenAIEngine:
         response = await self.client.get(f"{self.url}/v1/models", headers=self._headers())
         _raise_for(response, "listing models")
         return [
-            ModelInfo(name=str(m["id"]))
+            ModelInfo(name=str(m["id"]), context_length=_openai_context(m))
             for m in response.json().get("data", [])
             if isinstance(m, dict) and isinstance(m.get("id"), str)
         ]

@@ -40,6 +40,7 @@ class Knobs:
     reasoning: list[str] | None = None  # reasoning tokens streamed before the answer
     report_usage: bool = True
     models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
+    context_length: int | None = None  # reported by /api/show and /v1/models
 
 
 @attrs.define(eq=False)
@@ -98,10 +99,18 @@ class FakeEngine:
 
         @app.get("/v1/models")
         async def models() -> Any:
+            extra = {}
+            if engine.knobs.context_length:
+                extra = {"max_model_len": engine.knobs.context_length}
             return {
                 "object": "list",
-                "data": [{"id": m, "object": "model"} for m in engine.model_names()],
+                "data": [{"id": m, "object": "model", **extra} for m in engine.model_names()],
             }
+
+        @app.post("/api/show")
+        async def show() -> Any:
+            length = engine.knobs.context_length
+            return {"model_info": {"llama.context_length": length} if length else {}}
 
         @app.post("/api/chat")
         async def ollama_chat() -> Any:

@@ -20,6 +20,7 @@ from quart import (
     websocket,
 )
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as MethodNotAllowedHTTP
 
 from owlrun.protocol import WS_PATH
 from routecat import errors
@@ -28,10 +29,10 @@ from routecat.api.completions import serve_completion
 from routecat.api.errors import FROM_STATUS
 from routecat.api.http import (
     CORS_HEADERS,
-    PREFLIGHT_HEADERS,
     REQUEST_ID,
     App,
     error_response,
+    preflight_headers,
 )
 from routecat.api.internal import register_internal
 from routecat.api.nodes import serve_node_websocket
@@ -58,7 +59,7 @@ def create_app(gw: Gateway) -> App:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(8)
         if request.method == "OPTIONS" and request.path.startswith("/v1/"):
-            return Response("", status=204, headers=PREFLIGHT_HEADERS)
+            return Response("", status=204, headers=preflight_headers(request.headers))
         return None
 
     @app.after_request
@@ -100,6 +101,8 @@ def create_app(gw: Gateway) -> App:
             # The unread rest of the body makes the connection unusable: close it, so
             # that a client's connection pool does not send its next request into it.
             response.headers["Connection"] = "close"
+        if status == 405 and isinstance(exc, MethodNotAllowedHTTP) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return response
 
     @app.errorhandler(Exception)

@@ -71,7 +71,9 @@ async def open_job(
     if isinstance(body, CompletionRequest) and body.echo:
         raise errors.InvalidRequest("echo is not supported", param="echo")
     gw.scheduler.check_model(body.model)
-    max_tokens = gw.admissions.applied_max_tokens(body.model, body.requested_max_tokens)
+    max_tokens = gw.admissions.applied_max_tokens(
+        body.model, body.requested_max_tokens, gw.registry.context_length(body.model)
+    )
     wire = wire_request(body, max_tokens)
     prompt = measure_prompt(kind, wire)
     spec = JobSpec(
@@ -290,8 +292,14 @@ class Collected:
 
 
 def free_header(handle: JobHandle) -> dict[str, str]:
-    """``X-RouteCat-Free: 1`` on a request served free (its max_tokens capped)."""
-    return {"X-RouteCat-Free": "1"} if getattr(handle.spec.admission, "free", False) else {}
+    """``X-RouteCat-Free: 1`` on a request served free (its max_tokens capped), and
+    ``X-RouteCat-Max-Tokens: N`` whenever the job runs with less than it asked for
+    (the free cap, or the model's ceiling): never a silent cut."""
+    spec = handle.spec
+    headers = {"X-RouteCat-Free": "1"} if getattr(spec.admission, "free", False) else {}
+    if spec.requested_max_tokens is not None and spec.max_tokens < spec.requested_max_tokens:
+        headers["X-RouteCat-Max-Tokens"] = str(spec.max_tokens)
+    return headers
 
 
 def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, str]) -> Response:

@@ -33,19 +33,31 @@ log = logging.getLogger("routecat.http")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "X-Request-Id, X-RouteCat-Cost-Msat, Retry-After",
+    "Access-Control-Expose-Headers": (
+        "X-Request-Id, X-RouteCat-Cost-Msat, X-RouteCat-Free, X-RouteCat-Max-Tokens, Retry-After"
+    ),
 }
 PREFLIGHT_HEADERS = {
     **CORS_HEADERS,
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": (
         "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project,"
-        " X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version,"
-        " X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count,"
-        " X-Stainless-Timeout"
+        " HTTP-Referer, X-Title"
     ),
     "Access-Control-Max-Age": "86400",
+    "Vary": "Access-Control-Request-Headers",
 }
+HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+
+
+def preflight_headers(request_headers: Any) -> dict[str, str]:
+    """A ``/v1/*`` preflight's answer: the headers the browser asks for are echoed
+    (SDKs send ``x-stainless-*``, OpenRouter-style clients ``HTTP-Referer`` and
+    ``X-Title``), when they are a well-formed list; else the known list."""
+    asked = str(request_headers.get("Access-Control-Request-Headers", "")).strip()
+    if asked and len(asked) <= 2000 and HEADER_LIST.fullmatch(asked):
+        return {**PREFLIGHT_HEADERS, "Access-Control-Allow-Headers": asked}
+    return PREFLIGHT_HEADERS
 
 
 EXCHANGE_END = "routecat.on_exchange_end"

@@ -9,7 +9,7 @@ from typing import Any
 
 from quart import Response, request
 
-from ledger.money import usd_to_sats
+from ledger.money import cost_msat
 from routecat import errors
 from routecat.api.http import App, json_response, remote_ip
 from routecat.clock import iso
@@ -72,17 +72,19 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 
 
 def pricing(gw: Gateway, model: str) -> dict[str, Any]:
+    """USD per 1M tokens as the catalog says, and at the current rate the same in msat
+    (exact, rounded up once) and in sats as integers (rounded up: a client decoding
+    into an integer type gets one)."""
     price = gw.catalog.price(model)
     rate = gw.rates.last_rate()
     body: dict[str, Any] = {
         "input_per_1m_tokens_usd": float(price.input_usd_per_1m),
         "output_per_1m_tokens_usd": float(price.output_usd_per_1m),
-        "input_per_1m_tokens_sats": None,
-        "output_per_1m_tokens_sats": None,
     }
-    if rate is not None:
-        body["input_per_1m_tokens_sats"] = float(usd_to_sats(price.input_usd_per_1m, rate))
-        body["output_per_1m_tokens_sats"] = float(usd_to_sats(price.output_usd_per_1m, rate))
+    for side, usd in (("input", price.input_usd_per_1m), ("output", price.output_usd_per_1m)):
+        msat = None if rate is None else cost_msat(1_000_000, 0, usd, usd, rate)
+        body[f"{side}_per_1m_tokens_sats"] = None if msat is None else -(-msat // 1000)
+        body[f"{side}_per_1m_tokens_msat"] = msat
     return body
 
 
@@ -98,6 +100,8 @@ def model_list(gw: Gateway) -> list[dict[str, Any]]:
                 "owned_by": "community",
                 "routecat_pricing": pricing(gw, name),
                 "routecat_nodes": len(online[name]),
+                "context_length": gw.registry.context_length(name),
+                "max_output_tokens": gw.admissions.ceiling(name, gw.registry.context_length(name)),
             }
         )
     return out

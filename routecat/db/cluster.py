@@ -60,6 +60,8 @@ class DirectoryEntry:
     capacity: int
     in_flight: int
     seen_at: float
+    # model -> context length the node reported (models without one are absent)
+    contexts: dict[str, int] = attrs.field(factory=dict, eq=False)
 
 
 def publish_nodes(
@@ -74,22 +76,40 @@ def publish_nodes(
             " replica_id = excluded.replica_id, models = excluded.models,"
             " capacity = excluded.capacity, in_flight = excluded.in_flight,"
             " seen_at = excluded.seen_at",
-            (e.node_id, replica_id, json.dumps(list(e.models)), e.capacity, e.in_flight, now),
+            (
+                e.node_id,
+                replica_id,
+                json.dumps([{"name": m, "context_length": e.contexts.get(m)} for m in e.models]),
+                e.capacity,
+                e.in_flight,
+                now,
+            ),
         )
 
 
 def directory(db: Connection, seen_since: float) -> list[DirectoryEntry]:
     out = []
     for r in rows(db, "SELECT * FROM node_directory WHERE seen_at >= ?", (seen_since,)):
-        models = json.loads(r["models"])
+        found = json.loads(r["models"])
+        names: list[str] = []
+        contexts: dict[str, int] = {}
+        for m in found if isinstance(found, list) else ():
+            name = m.get("name") if isinstance(m, dict) else m
+            if not isinstance(name, str):
+                continue
+            names.append(name)
+            length = m.get("context_length") if isinstance(m, dict) else None
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                contexts[name] = length
         out.append(
             DirectoryEntry(
                 r["node_id"],
                 r["replica_id"],
-                tuple(str(m) for m in models) if isinstance(models, list) else (),
+                tuple(names),
                 int(r["capacity"]),
                 int(r["in_flight"]),
                 float(r["seen_at"]),
+                contexts,
             )
         )
     return out

@@ -56,9 +56,21 @@ class Admissions:
             rate,
         )
 
-    def applied_max_tokens(self, model: str, requested: int | None) -> int:
-        cap = self.catalog.price(model).max_tokens or self.config.default_max_tokens
-        return min(requested, cap) if requested is not None else cap
+    def ceiling(self, model: str, advertised: int | None) -> int | None:
+        """The most a request for ``model`` may ask for: the catalog's
+        ``max_output_tokens``, else what its nodes advertise (their context length)."""
+        return self.catalog.price(model).max_output_tokens or advertised
+
+    def applied_max_tokens(
+        self, model: str, requested: int | None, advertised: int | None = None
+    ) -> int:
+        """A request's ``max_tokens``: what it asked for, up to the model's ceiling; when
+        it asks nothing, the default (the catalog's, else ``default_max_tokens``), which
+        also sizes the reservation. Raising a ceiling never makes reservations larger."""
+        ceiling = self.ceiling(model, advertised)
+        default = self.catalog.price(model).max_tokens or self.config.default_max_tokens
+        wanted = default if requested is None else requested
+        return min(wanted, ceiling) if ceiling else wanted
 
     async def admit(self, spec: JobSpec) -> JobSpec:
         price = self.catalog.price(spec.model)

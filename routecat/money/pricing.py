@@ -22,7 +22,8 @@ from routecat.errors import ConfigError
 class Price:
     input_usd_per_1m: Decimal
     output_usd_per_1m: Decimal
-    max_tokens: int | None = None  # the model's cap when a request gives none
+    max_tokens: int | None = None  # applied when a request gives none (else the default)
+    max_output_tokens: int | None = None  # the ceiling on what a request may ask for
 
 
 @attrs.frozen
@@ -56,13 +57,17 @@ def load_catalog(config: Config) -> Catalog:
     data = tomllib.loads(text)
     models = {}
     for name, entry in (data.get("models") or {}).items():
-        cap = entry.get("max_tokens")
-        if cap is not None and (not isinstance(cap, int) or cap < 1):
-            raise ConfigError(f"catalog: models.{name}.max_tokens must be a positive integer")
+        caps = {}
+        for field in ("max_tokens", "max_output_tokens"):
+            cap = entry.get(field)
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+                raise ConfigError(f"catalog: models.{name}.{field} must be a positive integer")
+            caps[field] = cap
         models[name] = Price(
             _decimal(entry.get("input"), f"models.{name}.input"),
             _decimal(entry.get("output"), f"models.{name}.output"),
-            cap,
+            caps["max_tokens"],
+            caps["max_output_tokens"],
         )
     default = data.get("default") or {}
     return Catalog(

@@ -65,6 +65,7 @@ class Cluster:
                 node.capacity,
                 node.in_flight,
                 now,
+                {m.name: m.context_length for m in node.models.values() if m.context_length},
             )
             for node in self.registry.nodes.values()
             if node.closed_reason is None and not node.draining

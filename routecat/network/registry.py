@@ -95,6 +95,15 @@ class Registry:
                     out.setdefault(model, []).append(node)
         return out
 
+    def context_length(self, model: str) -> int | None:
+        """The largest context length any node serving ``model`` reported, if any."""
+        lengths = [
+            n.models[model].context_length
+            for n in self.serving(model)
+            if n.models[model].context_length
+        ]
+        return max((x for x in lengths if x), default=None)
+
     def is_known(self, model: str) -> bool:
         """Known: in the price catalog, or advertised by some node within 24 hours."""
         if model in self.catalog_models or self.serving(model):

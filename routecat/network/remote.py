@@ -115,6 +115,10 @@ class RemoteLink(LinkCounters):
         }
 
 
+def _models(entry: DirectoryEntry) -> dict[str, ModelInfo]:
+    return {m: ModelInfo(name=m, context_length=entry.contexts.get(m)) for m in entry.models}
+
+
 @attrs.define(eq=False)
 class Forwarder:
     """Keeps a ``RemoteLink`` per node of the other replicas, and runs forwarded jobs."""
@@ -156,12 +160,12 @@ class Forwarder:
                     replica_url=url,
                     forwarder=self,
                     capacity=entry.capacity,
-                    models={m: ModelInfo(name=m) for m in entry.models},
+                    models=_models(entry),
                 )
                 known[entry.node_id] = link
             else:
                 link.capacity = entry.capacity
-                link.models = {m: ModelInfo(name=m) for m in entry.models}
+                link.models = _models(entry)
                 link.replica_url = url
             link.remote_in_flight = entry.in_flight
         for node_id in [n for n in known if n not in seen]:

@@ -197,7 +197,9 @@ async def test_huge_body_is_413(client: httpx.AsyncClient) -> None:
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         assert_error(await client.get("/v1/nothing"), 404, "not_found")
-        assert_error(await client.get("/v1/auth/register"), 405, "method_not_allowed")
+        wrong = await client.get("/v1/auth/register")
+        assert_error(wrong, 405, "method_not_allowed")
+        assert wrong.headers["allow"] == "OPTIONS, POST"
 
 
 @pytest.mark.parametrize(
@@ -267,10 +269,29 @@ async def test_cors_preflight_and_headers(client: httpx.AsyncClient) -> None:
         )
         assert r.status_code == 204
         assert r.headers["access-control-allow-origin"] == "*"
-        assert "Authorization" in r.headers["access-control-allow-headers"]
+        assert r.headers["access-control-allow-headers"] == "authorization, content-type"
         assert "POST" in r.headers["access-control-allow-methods"]
+        # Whatever a browser client sends is echoed: OpenRouter-style and SDK headers.
+        asked = "authorization, content-type, http-referer, x-title, x-stainless-os"
+        r = await client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": asked,
+            },
+        )
+        assert r.headers["access-control-allow-headers"] == asked
+        assert r.headers["vary"] == "Access-Control-Request-Headers"
+        # A malformed list is not echoed: the known list is answered.
+        r = await client.options(
+            "/v1/chat/completions",
+            headers={"Origin": "x", "Access-Control-Request-Headers": "b: c, <d>"},
+        )
+        assert "Authorization" in r.headers["access-control-allow-headers"]
         r = await client.get("/v1/stats", headers={"Origin": "https://app.example"})
         assert r.headers["access-control-allow-origin"] == "*"
+        assert "X-RouteCat-Max-Tokens" in r.headers["access-control-expose-headers"]
 
 
 async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:

@@ -107,7 +107,11 @@ async def test_free_then_paid_billing_is_exact(nursery: trio.Nursery, tmp_path: 
             models = (await c.get("/v1/models")).json()["data"]
             pricing = models[0]["routecat_pricing"]
             assert pricing["input_per_1m_tokens_usd"] == 1000.0
-            assert pricing["input_per_1m_tokens_sats"] == 1_000_000.0
+            # Integers (a client decoding into an int type), beside the exact msat.
+            assert pricing["input_per_1m_tokens_sats"] == 1_000_000
+            assert isinstance(pricing["input_per_1m_tokens_sats"], int)
+            assert pricing["output_per_1m_tokens_msat"] == 2_000_000_000
+            assert models[0]["max_output_tokens"] is None  # no catalog ceiling, no report
         await ledger_ok(net)
         # The provider earned 95% of every job; paid ones are payable, free ones held.
         earnings = await net.gateway.gw.earnings.of(net.nodes[0].id)
@@ -640,3 +644,42 @@ async def test_client_leaving_while_queued_gets_everything_back(
             )
         ) == 0
         await ledger_ok(net)
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_max_tokens_default_and_ceiling_are_apart(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """No max_tokens: the default (4,096) sizes the job and its reservation. A paid
+    request may ask for more, up to the model's ceiling (here the context length its
+    node reports), and gets the ceiling beyond it, said in a header, never cut to the
+    default."""
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery,
+            tmp_path,
+            backend=backend,
+            catalog=catalog(tmp_path),
+            free_daily_requests="0",
+            knobs=Knobs(context_length=32768),
+        )
+        async with net.client() as c:
+            models = (await c.get("/v1/models")).json()["data"]
+            assert models[0]["context_length"] == 32768
+            assert models[0]["max_output_tokens"] == 32768
+            r = await c.post("/v1/chat/completions", json=chat("big", max_tokens=20000))
+            assert r.status_code == 200, r.text
+            assert "X-RouteCat-Max-Tokens" not in r.headers
+            assert (
+                net.engine.requests[-1].get("max_tokens", 0) == 20000
+                or net.engine.requests[-1].get("options", {}).get("num_predict") == 20000
+            )
+            r = await c.post("/v1/chat/completions", json=chat("huge", max_tokens=100000))
+            assert r.status_code == 200, r.text
+            assert r.headers["X-RouteCat-Max-Tokens"] == "32768"
+            r = await c.post("/v1/chat/completions", json=chat("none"))
+            sent = net.engine.requests[-1]
+            assert (
+                sent.get("max_tokens", 0) == 4096
+                or sent.get("options", {}).get("num_predict") == 4096
+            )

@@ -13,7 +13,9 @@ from quart import Response, request
 
 from routecat import errors
 from routecat.api.http import App, json_response, read_json, remote_ip
+from routecat.api.public import int_arg
 from routecat.api.schema import RegisterRequest, TopupRequest, decode_json, parse_request
+from routecat.db import jobs as jobs_db
 from routecat.gateway import Gateway
 
 log = logging.getLogger("routecat.http")
@@ -33,6 +35,30 @@ def register_accounts(app: App, gw: Gateway) -> None:
         key = await gw.keys.authenticate(request.headers.get("Authorization"))
         gw.read_limit.acquire_nowait(f"key:{key.id}")
         return json_response(await gw.admissions.balance(key.id))
+
+    @app.get("/v1/auth/usage")
+    async def usage() -> Response:
+        """The key's own billed jobs, newest first: only its owner sees them."""
+        key = await gw.keys.authenticate(request.headers.get("Authorization"))
+        gw.read_limit.acquire_nowait(f"key:{key.id}")
+        page = int_arg("page", 1, 1, 1_000_000)
+        per_page = int_arg("per_page", 50, 1, 100)
+        found, total = await gw.store.read(lambda db: jobs_db.key_jobs(db, key.id, page, per_page))
+        data = [
+            {
+                "id": j.id,
+                "model": j.model,
+                "kind": j.kind,
+                "free": j.free,
+                "tokens_in": j.tokens_in,
+                "tokens_out": j.tokens_out,
+                "cost_msat": j.cost_msat,
+                "cost_sats": j.cost_msat // 1000,
+                "timestamp": j.finished_at[:19] + "Z",
+            }
+            for j in found
+        ]
+        return json_response({"data": data, "total": total, "page": page, "per_page": per_page})
 
     @app.post("/v1/auth/topup")
     async def topup() -> Response:

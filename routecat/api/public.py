@@ -49,8 +49,8 @@ def register_public(app: App, gw: Gateway) -> None:
     @app.get("/v1/audit")
     async def audit() -> Response:
         gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
-        page = _int_arg("page", 1, 1, 1_000_000)
-        per_page = _int_arg("per_page", 50, 1, 100)
+        page = int_arg("page", 1, 1, 1_000_000)
+        per_page = int_arg("per_page", 50, 1, 100)
         jobs, total = await audit_page(gw, page, per_page)
         return json_response({"jobs": jobs, "total": total, "page": page, "per_page": per_page})
 
@@ -60,7 +60,7 @@ def register_public(app: App, gw: Gateway) -> None:
         return json_response(await gw_stats(gw))
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
+def int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default

@@ -191,3 +191,41 @@ def node_jobs(db: Connection, node_id: str, limit: int) -> list[NodeJob]:
             (node_id, limit),
         )
     ]
+
+
+@attrs.frozen
+class KeyJob:
+    """One billed job as its key's owner sees it (``GET /v1/auth/usage``)."""
+
+    id: str
+    model: str
+    kind: str
+    free: bool
+    tokens_in: int
+    tokens_out: int
+    cost_msat: int
+    finished_at: str
+
+
+def key_jobs(db: Connection, key_id: int, page: int, per_page: int) -> tuple[list[KeyJob], int]:
+    """One page of a key's billed jobs, newest first, and how many it has in all."""
+    total = int(db.execute("SELECT COUNT(*) FROM jobs WHERE key_id = ?", (key_id,)).fetchone()[0])
+    found = rows(
+        db,
+        "SELECT id, model, kind, free, tokens_in, tokens_out, cost_msat, finished_at FROM jobs"
+        " WHERE key_id = ? ORDER BY finished_at DESC, id DESC LIMIT ? OFFSET ?",
+        (key_id, per_page, (page - 1) * per_page),
+    )
+    return [
+        KeyJob(
+            r["id"],
+            r["model"],
+            r["kind"],
+            bool(r["free"]),
+            int(r["tokens_in"]),
+            int(r["tokens_out"]),
+            int(r["cost_msat"]),
+            r["finished_at"],
+        )
+        for r in found
+    ], total

@@ -187,6 +187,12 @@ MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        6,
+        """
+        CREATE INDEX jobs_key ON jobs (key_id, finished_at);
+        """,
+    ),
 )
 
 

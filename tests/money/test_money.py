@@ -22,7 +22,7 @@ from ledger import book
 from routecat.clock import Clock
 from routecat.money.settlement import billable
 from routecat.network.jobs import JobResult
-from tests.clients import chat, read_sse, wait_for
+from tests.clients import MODEL, chat, read_sse, wait_for
 from tests.fakes import Knobs, serve_app, start_engine
 from tests.servers import (
     assert_error,
@@ -683,3 +683,29 @@ async def test_max_tokens_default_and_ceiling_are_apart(
                 sent.get("max_tokens", 0) == 4096
                 or sent.get("options", {}).get("num_predict") == 4096
             )
+
+
+async def test_usage_history_is_the_keys_own(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, catalog=catalog(tmp_path), credit_sats=0)
+        async with net.client() as c:
+            ids = []
+            for i in range(3):
+                r = await c.post("/v1/chat/completions", json=chat(f"mine {i}"))
+                ids.append(r.json()["id"])
+            page = (await c.get("/v1/auth/usage?per_page=2")).json()
+            assert page["total"] == 3 and page["page"] == 1 and page["per_page"] == 2
+            assert [j["id"] for j in page["data"]] == ids[::-1][:2]  # newest first
+            first = page["data"][0]
+            assert first["free"] is True and first["model"] == MODEL and first["kind"] == "chat"
+            assert first["cost_sats"] == first["cost_msat"] // 1000 and first["tokens_out"] > 0
+            assert first["timestamp"].endswith("Z")
+            rest = (await c.get("/v1/auth/usage?page=2&per_page=2")).json()
+            assert [j["id"] for j in rest["data"]] == [ids[0]]
+            assert_error(await c.get("/v1/auth/usage?page=0"), 400, "invalid_request")
+            other = await register(c, "someone else")
+        async with net.gateway.client(headers={"Authorization": f"Bearer {other}"}) as c:
+            theirs = (await c.get("/v1/auth/usage")).json()
+            assert theirs["total"] == 0 and theirs["data"] == []
+        async with net.gateway.client() as c:
+            assert_error(await c.get("/v1/auth/usage"), 401, "invalid_api_key")

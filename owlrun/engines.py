@@ -72,6 +72,20 @@ def _openai_context(model: dict[str, Any]) -> int | None:
     return None
 
 
+def _ollama_think(request: dict[str, Any]) -> bool | str | None:
+    """Ollama's ``think``: the request's own, else from OpenAI's ``reasoning_effort``
+    (a level for models that take one; "none"/"minimal" turn thinking off)."""
+    think = request.get("think")
+    if isinstance(think, bool) or think in ("low", "medium", "high"):
+        return think
+    effort = request.get("reasoning_effort")
+    if effort in ("low", "medium", "high"):
+        return str(effort)
+    if effort in ("none", "minimal"):
+        return False
+    return None
+
+
 def _text(content: Any) -> str:
     if content is None:
         return ""
@@ -200,6 +214,9 @@ class OllamaEngine:
         body["messages"] = self.messages(request)
         if request.get("tools") and request.get("tool_choice") != "none":
             body["tools"] = request["tools"]
+        think = _ollama_think(request)
+        if think is not None:
+            body["think"] = think
         return "/api/chat", body
 
     async def serve(self, job: Job) -> AsyncIterator[Event]:
@@ -326,6 +343,12 @@ class OpenAIEngine:
             # Some servers ignore max_completion_tokens; every one honours max_tokens.
             body["max_tokens"] = limit
         body.pop("n", None)
+        think = body.pop("think", None)
+        if isinstance(think, bool):
+            # llama.cpp and vLLM switch a model's thinking through its chat template.
+            body["chat_template_kwargs"] = {"enable_thinking": think}
+        elif isinstance(think, str) and "reasoning_effort" not in body:
+            body["reasoning_effort"] = think
         path = "/v1/completions" if job.kind == "completion" else "/v1/chat/completions"
         return path, body
 

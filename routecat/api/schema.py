@@ -56,6 +56,10 @@ class StreamOptions:
 Content = str | list[dict[str, Any]] | None
 Stop = str | list[str] | None
 ToolChoice = str | dict[str, Any] | None
+# Reasoning controls: OpenAI's ``reasoning_effort``; Ollama's ``think`` (on/off, or a
+# level for models that take one, such as gpt-oss).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+Think = bool | Literal["low", "medium", "high"] | None
 
 
 @attrs.frozen
@@ -85,6 +89,8 @@ class ChatCompletionRequest:
     tool_choice: ToolChoice = None
     response_format: dict[str, Any] | None = None
     n: int | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    think: Think = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -198,6 +204,17 @@ def _list_factory(t: Any) -> Any:
     return structure
 
 
+def _choice(allowed: tuple[Any, ...]) -> Any:
+    def structure(value: Any, _t: Any) -> Any:
+        # ``True in (1,)`` holds in Python: compare types too.
+        if value is None or any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        shown = ", ".join(json.dumps(a) for a in allowed)
+        raise TypeError(f"must be one of {shown}")
+
+    return structure
+
+
 def _prompt(value: Any, _t: Any) -> str | list[str]:
     if isinstance(value, str):
         return value
@@ -212,6 +229,8 @@ for _type, _hook in (
     (ToolChoice, _tool_choice),
     (str | list[str], _prompt),
     (Role, _role),
+    (ReasoningEffort | None, _choice(typing.get_args(ReasoningEffort))),
+    (Think, _choice((True, False, "low", "medium", "high"))),
 ):
     register_exact(converter, _type, _hook)
 converter.register_structure_hook_factory(_is_list, _list_factory)

@@ -499,3 +499,35 @@ async def test_agent_reconnects_after_gateway_restart(
         async with again.client(headers={"Authorization": f"Bearer {net.key}"}) as c:
             r = await c.post("/v1/chat/completions", json=chat("back again"))
             assert r.json()["choices"][0]["message"]["content"] == "You said: back again"
+
+
+@pytest.mark.parametrize(
+    ("backend", "body", "expected"),
+    [
+        ("ollama", {"think": True}, {"think": True}),
+        ("ollama", {"reasoning_effort": "high"}, {"think": "high"}),
+        ("ollama", {"reasoning_effort": "minimal"}, {"think": False}),
+        ("openai", {"reasoning_effort": "low"}, {"reasoning_effort": "low"}),
+        ("openai", {"think": False}, {"chat_template_kwargs": {"enable_thinking": False}}),
+    ],
+)
+async def test_reasoning_controls_reach_the_engine(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    backend: str,
+    body: dict[str, object],
+    expected: dict[str, object],
+) -> None:
+    with trio.fail_after(20):
+        net = await start_network(nursery, tmp_path, backend=backend, knobs=Knobs(reasoning=["hm"]))
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json={**chat("think"), **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["reasoning_content"] == "hm"
+        sent = net.engine.requests[-1]
+        assert {k: sent.get(k) for k in expected} == expected
+        async with net.client() as c:
+            bad = await c.post(
+                "/v1/chat/completions", json={**chat("x"), "reasoning_effort": "max"}
+            )
+        assert_error(bad, 400, "invalid_request")

@@ -25,7 +25,7 @@ import trio
 import trio_websocket
 
 from owlrun import __version__
-from owlrun.engines import Engine, Finish
+from owlrun.engines import Embeddings, Engine, Finish
 from owlrun.errors import EngineError, RefusedError
 from owlrun.identity import Identity
 from owlrun.protocol import (
@@ -42,6 +42,7 @@ from owlrun.protocol import (
     Done,
     Drain,
     Earnings,
+    Embedded,
     Hardware,
     Heartbeat,
     Hello,
@@ -434,7 +435,12 @@ class Agent:
                 try:
                     async with contextlib.aclosing(self.engine.serve(job)) as events:  # type: ignore[type-var]
                         async for event in events:
-                            if isinstance(event, Finish):
+                            if isinstance(event, Embeddings):
+                                usage_in = (event.usage and event.usage.prompt_tokens) or 0
+                                self._busy.discard(job.job_id)
+                                await self._send(Embedded(job.job_id, event.vectors, event.usage))
+                                outcome = "done"
+                            elif isinstance(event, Finish):
                                 usage_in = (event.usage and event.usage.prompt_tokens) or 0
                                 usage_out = (event.usage and event.usage.completion_tokens) or 0
                                 self._busy.discard(job.job_id)

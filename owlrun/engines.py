@@ -12,8 +12,10 @@ output the user pays for, so they must reach the user.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+import struct
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -35,7 +37,29 @@ class Finish:
     usage: Usage | None
 
 
-Event = Delta | Finish
+@attrs.frozen
+class Embeddings:
+    """An embedding job's whole result: one base64 little-endian float32 vector per
+    input, in input order."""
+
+    vectors: list[str]
+    usage: Usage | None
+
+
+Event = Delta | Finish | Embeddings
+
+
+def pack_vector(values: Any) -> str:
+    """An engine's embedding (a JSON array of numbers) as base64 float32; ValueError
+    for anything else."""
+    if not isinstance(values, list) or not values or len(values) > MAX_DIMENSIONS:
+        raise ValueError("an embedding is a non-empty array of numbers")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError("an embedding is an array of numbers")
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+MAX_DIMENSIONS = 65536
 
 
 class Engine(Protocol):
@@ -107,12 +131,13 @@ def _images(content: Any) -> list[str]:
 
 @attrs.define(eq=False)
 class OllamaEngine:
-    """Ollama's native API: ``/api/tags``, ``/api/chat`` and ``/api/generate`` (NDJSON)."""
+    """Ollama's native API: ``/api/tags``, ``/api/chat``, ``/api/generate`` (NDJSON) and
+    ``/api/embed``."""
 
     url: str
     client: httpx.AsyncClient
-    # model -> context length from ``/api/show`` (asked once per model; None: unknown)
-    _contexts: dict[str, int | None] = attrs.Factory(dict)
+    # model -> (context length, capabilities) from ``/api/show``, asked once per model
+    _shown: dict[str, tuple[int | None, list[str]]] = attrs.Factory(dict)
 
     async def list_models(self) -> list[ModelInfo]:
         response = await self.client.get(f"{self.url}/api/tags")
@@ -127,26 +152,53 @@ class OllamaEngine:
                     family=str(details.get("family", "")),
                     parameter_size=str(details.get("parameter_size", "")),
                     quantization=str(details.get("quantization_level", "")),
-                    context_length=await self._context_length(name),
+                    context_length=(await self._show(name))[0],
+                    capabilities=(await self._show(name))[1],
                 )
             )
         return models
 
-    async def _context_length(self, name: str) -> int | None:
-        """``<architecture>.context_length`` of ``/api/show``'s ``model_info``."""
-        if name not in self._contexts:
-            found = None
+    async def _show(self, name: str) -> tuple[int | None, list[str]]:
+        """``<architecture>.context_length`` of ``/api/show``'s ``model_info``, and its
+        ``capabilities`` (``embedding`` for an embedding model)."""
+        if name not in self._shown:
             try:
                 response = await self.client.post(f"{self.url}/api/show", json={"model": name})
-                info = response.json().get("model_info") if response.status_code == 200 else None
-                if isinstance(info, dict):
-                    found = _positive_int(
-                        next((v for k, v in info.items() if k.endswith(".context_length")), None)
-                    )
+                data = response.json() if response.status_code == 200 else {}
             except (httpx.HTTPError, ValueError):
-                return None  # asked again at the next refresh
-            self._contexts[name] = found
-        return self._contexts[name]
+                return None, []  # asked again at the next refresh
+            info = data.get("model_info") if isinstance(data, dict) else None
+            length = None
+            if isinstance(info, dict):
+                length = _positive_int(
+                    next((v for k, v in info.items() if k.endswith(".context_length")), None)
+                )
+            found = data.get("capabilities") if isinstance(data, dict) else None
+            capabilities = [c for c in found if c == "embedding"] if isinstance(found, list) else []
+            self._shown[name] = (length, capabilities)
+        return self._shown[name]
+
+    async def embed(self, job: Job) -> Embeddings:
+        """``/api/embed``: text inputs only (Ollama takes no token arrays)."""
+        request = job.request
+        inputs = request.get("input")
+        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+            raise EngineError("this engine embeds text only, not token arrays", False)
+        body: dict[str, Any] = {"model": job.model, "input": inputs}
+        if request.get("dimensions") is not None:
+            body["dimensions"] = request["dimensions"]
+        response = await self.client.post(f"{self.url}/api/embed", json=body)
+        _raise_for(response, "embedding")
+        data = response.json()
+        found = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(found, list) or len(found) != len(inputs):
+            raise EngineError("the engine's answer holds no embedding per input", True)
+        try:
+            vectors = [pack_vector(v) for v in found]
+        except ValueError as exc:
+            raise EngineError(f"the engine's embedding is malformed: {exc}", True) from None
+        count = _positive_int(data.get("prompt_eval_count"))
+        return Embeddings(vectors, None if count is None else Usage(count, 0))
 
     @staticmethod
     def options(request: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +272,9 @@ class OllamaEngine:
         return "/api/chat", body
 
     async def serve(self, job: Job) -> AsyncIterator[Event]:
+        if job.kind == "embedding":
+            yield await self.embed(job)
+            return
         path, body = self.body(job)
         tool_index = 0
         async with self.client.stream("POST", f"{self.url}{path}", json=body) as response:
@@ -328,10 +383,43 @@ class OpenAIEngine:
         response = await self.client.get(f"{self.url}/v1/models", headers=self._headers())
         _raise_for(response, "listing models")
         return [
-            ModelInfo(name=str(m["id"]), context_length=_openai_context(m))
+            ModelInfo(
+                name=str(m["id"]),
+                context_length=_openai_context(m),
+                # The API does not say; embedding models say so in their names.
+                capabilities=["embedding"] if "embed" in str(m["id"]).lower() else [],
+            )
             for m in response.json().get("data", [])
             if isinstance(m, dict) and isinstance(m.get("id"), str)
         ]
+
+    async def embed(self, job: Job) -> Embeddings:
+        """``/v1/embeddings``: text or token arrays, asked as floats (packed here)."""
+        request = job.request
+        inputs = request.get("input")
+        if not isinstance(inputs, list):
+            raise EngineError("an embedding job's input is a list", False)
+        body: dict[str, Any] = {"model": job.model, "input": inputs, "encoding_format": "float"}
+        if request.get("dimensions") is not None:
+            body["dimensions"] = request["dimensions"]
+        response = await self.client.post(
+            f"{self.url}/v1/embeddings", json=body, headers=self._headers()
+        )
+        _raise_for(response, "embedding")
+        data = response.json()
+        found = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(found, list) or len(found) != len(inputs):
+            raise EngineError("the engine's answer holds no embedding per input", True)
+        try:
+            ordered = sorted(found, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+            vectors = [
+                pack_vector(d.get("embedding") if isinstance(d, dict) else None) for d in ordered
+            ]
+        except (ValueError, TypeError) as exc:
+            raise EngineError(f"the engine's embedding is malformed: {exc}", True) from None
+        usage = data.get("usage") if isinstance(data, dict) else None
+        count = _positive_int(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+        return Embeddings(vectors, None if count is None else Usage(count, 0))
 
     def body(self, job: Job) -> tuple[str, dict[str, Any]]:
         body = dict(job.request)
@@ -353,6 +441,9 @@ class OpenAIEngine:
         return path, body
 
     async def serve(self, job: Job) -> AsyncIterator[Event]:
+        if job.kind == "embedding":
+            yield await self.embed(job)
+            return
         path, body = self.body(job)
         counted = 0
         finish: str | None = None

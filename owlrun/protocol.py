@@ -21,7 +21,7 @@ import cattrs
 
 from owlrun.errors import ProtocolError as ProtocolError  # re-exported: the protocol raises it
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # The oldest version a gateway still accepts; a version-1 agent sends no reasoning or
 # refusal deltas and no ``cancelled`` acknowledgements, and is sent nothing it lacks.
 MIN_PROTOCOL_VERSION = 1
@@ -124,6 +124,8 @@ class ModelInfo:
     parameter_size: str = ""
     quantization: str = ""
     context_length: int | None = None
+    # What the model does, when the engine says: "embedding" for embedding models.
+    capabilities: list[str] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -211,13 +213,19 @@ class Heartbeat:
     in_flight: int = 0
 
 
+# What a job asks of the engine; "embedding" needs protocol 3 on both ends.
+JobKind = Literal["chat", "completion", "embedding"]
+EMBEDDING_PROTOCOL = 3
+MAX_EMBEDDING_INPUTS = 2048
+
+
 @attrs.frozen
 class Job:
     """Gateway -> node: serve this request. ``request`` is the OpenAI body, inline."""
 
     type: ClassVar[str] = "job"
     job_id: str
-    kind: Literal["chat", "completion"]
+    kind: JobKind
     model: str
     request: dict[str, Any]
 
@@ -253,6 +261,18 @@ class Done:
     finish_reason: str
     usage: Usage | None = None
     violation: str = attrs.field(default="", kw_only=True)
+
+
+@attrs.frozen
+class Embedded:
+    """Node -> gateway (version 3): an embedding job's result, which ends the job.
+    ``vectors`` holds one base64 string per input, in input order: the embedding as
+    little-endian float32 (compact on the wire; the gateway decodes and checks it)."""
+
+    type: ClassVar[str] = "embedded"
+    job_id: str
+    vectors: list[str]
+    usage: Usage | None = None
 
 
 @attrs.frozen
@@ -313,6 +333,7 @@ Message = (
     | Chunk
     | Chunks
     | Done
+    | Embedded
     | JobError
     | Cancel
     | Cancelled
@@ -332,6 +353,7 @@ MESSAGE_TYPES: dict[str, type[Any]] = {
         Chunk,
         Chunks,
         Done,
+        Embedded,
         JobError,
         Cancel,
         Cancelled,
@@ -365,12 +387,12 @@ converter.register_unstructure_hook(Done, _unstructure_done)
 
 
 def _literal_kind(value: Any, _t: Any) -> str:
-    if value not in ("chat", "completion"):
-        raise TypeError("expected 'chat' or 'completion'")
+    if value not in ("chat", "completion", "embedding"):
+        raise TypeError("expected 'chat', 'completion' or 'embedding'")
     return str(value)
 
 
-register_exact(converter, Literal["chat", "completion"], _literal_kind)
+register_exact(converter, JobKind, _literal_kind)
 
 
 def encode(message: Message) -> str:

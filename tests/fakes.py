@@ -12,6 +12,7 @@ client went away before the end.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +42,19 @@ class Knobs:
     report_usage: bool = True
     models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
     context_length: int | None = None  # reported by /api/show and /v1/models
+
+
+def fake_vector(text: Any, dimensions: int | None = None) -> list[float]:
+    """A deterministic embedding of ``text`` (a string or token ids), 8 dimensions by
+    default: equal inputs, equal vectors."""
+    digest = hashlib.sha256(json.dumps(text).encode()).digest()
+    size = dimensions or 8
+    return [round((digest[i % 32] - 128) / 128, 4) for i in range(size)]
+
+
+def fake_tokens(text: Any) -> int:
+    """The fake engine's token count: a quarter of the bytes (at least 1), or the ids."""
+    return len(text) if isinstance(text, list) else max(1, len(str(text).encode()) // 4)
 
 
 @attrs.define(eq=False)
@@ -110,7 +124,44 @@ class FakeEngine:
         @app.post("/api/show")
         async def show() -> Any:
             length = engine.knobs.context_length
-            return {"model_info": {"llama.context_length": length} if length else {}}
+            name = str((await request.get_json() or {}).get("model", ""))
+            return {
+                "model_info": {"llama.context_length": length} if length else {},
+                "capabilities": ["embedding"] if "embed" in name else ["completion"],
+            }
+
+        @app.post("/api/embed")
+        async def ollama_embed() -> Any:
+            body = await request.get_json()
+            engine.requests.append(body)
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            if engine.knobs.fail_status is not None:
+                return Response("{}", status=engine.knobs.fail_status)
+            return {
+                "model": body["model"],
+                "embeddings": [fake_vector(x, body.get("dimensions")) for x in inputs],
+                "prompt_eval_count": sum(fake_tokens(x) for x in inputs),
+            }
+
+        @app.post("/v1/embeddings")
+        async def openai_embed() -> Any:
+            body = await request.get_json()
+            engine.requests.append(body)
+            inputs = body["input"]
+            if engine.knobs.fail_status is not None:
+                return Response("{}", status=engine.knobs.fail_status)
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": i,
+                        "embedding": fake_vector(x, body.get("dimensions")),
+                    }
+                    for i, x in enumerate(inputs)
+                ],
+                "usage": {"prompt_tokens": sum(fake_tokens(x) for x in inputs)},
+            }
 
         @app.post("/api/chat")
         async def ollama_chat() -> Any:

@@ -26,6 +26,7 @@ from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.api.accounts import register_accounts
 from routecat.api.completions import serve_completion
+from routecat.api.embeddings import register_embeddings
 from routecat.api.errors import FROM_STATUS
 from routecat.api.http import (
     CORS_HEADERS,
@@ -132,6 +133,7 @@ def create_app(gw: Gateway) -> App:
 
     register_public(app, gw)
     register_internal(app, gw)
+    register_embeddings(app, gw)
     register_accounts(app, gw)
     return app
 

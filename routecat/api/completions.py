@@ -88,6 +88,11 @@ async def open_job(
         requested_max_tokens=body.requested_max_tokens,
         prompt_bytes=prompt.bytes,
     )
+    return await start_job(gw, spec), body
+
+
+async def start_job(gw: Gateway, spec: JobSpec) -> JobHandle:
+    """Admit ``spec`` and start it; the job ends with the HTTP exchange at the latest."""
     # Admission is a few milliseconds of database writes whose outcome must be known:
     # shielded, so that a client leaving meanwhile is noticed in ``submit`` below,
     # which gives the reservation and the free request back.
@@ -106,7 +111,7 @@ async def open_job(
     # Whatever ends the HTTP exchange (the response sent, the client gone at any
     # moment, even before the response starts), the job is cancelled if still running.
     on_exchange_end(lambda: handle.cancel_nowait("client_gone"))
-    return handle, body
+    return handle
 
 
 class _Shape:

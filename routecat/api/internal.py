@@ -17,7 +17,16 @@ from collections.abc import AsyncIterator
 
 from quart import Response, request
 
-from owlrun.protocol import Done, Job, JobError, ProtocolError, decode, encode
+from owlrun.protocol import (
+    EMBEDDING_PROTOCOL,
+    Done,
+    Embedded,
+    Job,
+    JobError,
+    ProtocolError,
+    decode,
+    encode,
+)
 from routecat import errors
 from routecat.api.http import App, on_exchange_end
 from routecat.gateway import Gateway
@@ -26,7 +35,7 @@ from routecat.network.remote import INTERNAL_PATH
 NDJSON = "application/x-ndjson"
 
 
-def _line(frame: Done | JobError | object) -> bytes:
+def _line(frame: object) -> bytes:
     return encode(frame).encode() + b"\n"  # type: ignore[arg-type]
 
 
@@ -46,8 +55,11 @@ def register_internal(app: App, gw: Gateway) -> None:
         if not isinstance(job, Job):
             raise errors.InvalidRequest(f"expected a job frame, got {job.type}")
         node = gw.registry.nodes.get(node_id)
-        if node is None or not node.has_slot() or job.job_id in node.attempts:
-            why = "not on this replica" if node is None else "busy"
+        too_old = job.kind == "embedding" and (
+            node is not None and node.protocol_version < EMBEDDING_PROTOCOL
+        )
+        if node is None or too_old or not node.has_slot() or job.job_id in node.attempts:
+            why = "not on this replica" if node is None else "too old" if too_old else "busy"
 
             refusal = JobError(
                 job_id=job.job_id, message=f"node {node_id} is {why}", retryable=True
@@ -73,7 +85,7 @@ def register_internal(app: App, gw: Gateway) -> None:
         async def frames() -> AsyncIterator[bytes]:
             async for frame in attempt.inbox:
                 yield _line(frame)
-                if isinstance(frame, Done | JobError):
+                if isinstance(frame, Done | Embedded | JobError):
                     return
             reason = attempt.failure or "the node disconnected"
             yield _line(JobError(job_id=job.job_id, message=reason, retryable=True))

@@ -100,6 +100,7 @@ def model_list(gw: Gateway) -> list[dict[str, Any]]:
                 "owned_by": "community",
                 "routecat_pricing": pricing(gw, name),
                 "routecat_nodes": len(online[name]),
+                "routecat_kind": "embedding" if gw.registry.is_embedding(name) else "chat",
                 "context_length": gw.registry.context_length(name),
                 "max_output_tokens": gw.admissions.ceiling(name, gw.registry.context_length(name)),
             }

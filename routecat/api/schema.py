@@ -101,6 +101,55 @@ class ChatCompletionRequest:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+MAX_EMBEDDING_INPUTS = 2048
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _embedding_input(value: Any, _t: Any) -> str | list[str] | list[list[int]]:
+    """A string, an array of strings, an array of token ids, or an array of arrays of
+    token ids; never empty, at most 2,048 inputs."""
+    if isinstance(value, str):
+        if not value:
+            raise TypeError("must not be an empty string")
+        return value
+    if not isinstance(value, list) or not value:
+        raise TypeError("expected a string or a non-empty array")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise TypeError(f"at most {MAX_EMBEDDING_INPUTS} inputs")
+
+    def token_ids(ids: Any) -> bool:
+        return (
+            isinstance(ids, list)
+            and bool(ids)
+            and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID
+                for t in ids
+            )
+        )
+
+    if all(isinstance(x, str) and x for x in value):
+        return value
+    if token_ids(value):
+        return [value]
+    if all(token_ids(x) for x in value):
+        return value
+    raise TypeError(
+        "expected a non-empty string, an array of non-empty strings, an array of token ids"
+        " or an array of arrays of token ids"
+    )
+
+
+@attrs.frozen
+class EmbeddingRequest:
+    """``POST /v1/embeddings``."""
+
+    model: str = attrs.field(validator=_non_empty)
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = attrs.field(default=None, validator=_range(1, 65536))
+
+
 @attrs.frozen
 class CompletionRequest:
     """The legacy completions body (editors' autocomplete)."""
@@ -231,6 +280,8 @@ for _type, _hook in (
     (Role, _role),
     (ReasoningEffort | None, _choice(typing.get_args(ReasoningEffort))),
     (Think, _choice((True, False, "low", "medium", "high"))),
+    (EmbeddingInput, _embedding_input),
+    (Literal["float", "base64"], _choice(("float", "base64"))),
 ):
     register_exact(converter, _type, _hook)
 converter.register_structure_hook_factory(_is_list, _list_factory)

@@ -62,6 +62,7 @@ class DirectoryEntry:
     seen_at: float
     # model -> context length the node reported (models without one are absent)
     contexts: dict[str, int] = attrs.field(factory=dict, eq=False)
+    embedding: frozenset[str] = attrs.field(factory=frozenset, eq=False)  # embedding models
 
 
 def publish_nodes(
@@ -79,7 +80,16 @@ def publish_nodes(
             (
                 e.node_id,
                 replica_id,
-                json.dumps([{"name": m, "context_length": e.contexts.get(m)} for m in e.models]),
+                json.dumps(
+                    [
+                        {
+                            "name": m,
+                            "context_length": e.contexts.get(m),
+                            "embedding": m in e.embedding,
+                        }
+                        for m in e.models
+                    ]
+                ),
                 e.capacity,
                 e.in_flight,
                 now,
@@ -93,6 +103,7 @@ def directory(db: Connection, seen_since: float) -> list[DirectoryEntry]:
         found = json.loads(r["models"])
         names: list[str] = []
         contexts: dict[str, int] = {}
+        embedding: set[str] = set()
         for m in found if isinstance(found, list) else ():
             name = m.get("name") if isinstance(m, dict) else m
             if not isinstance(name, str):
@@ -101,6 +112,8 @@ def directory(db: Connection, seen_since: float) -> list[DirectoryEntry]:
             length = m.get("context_length") if isinstance(m, dict) else None
             if isinstance(length, int) and not isinstance(length, bool) and length > 0:
                 contexts[name] = length
+            if isinstance(m, dict) and m.get("embedding") is True:
+                embedding.add(name)
         out.append(
             DirectoryEntry(
                 r["node_id"],
@@ -110,6 +123,7 @@ def directory(db: Connection, seen_since: float) -> list[DirectoryEntry]:
                 int(r["in_flight"]),
                 float(r["seen_at"]),
                 contexts,
+                frozenset(embedding),
             )
         )
     return out

@@ -66,6 +66,7 @@ class Cluster:
                 node.in_flight,
                 now,
                 {m.name: m.context_length for m in node.models.values() if m.context_length},
+                frozenset(m.name for m in node.models.values() if "embedding" in m.capabilities),
             )
             for node in self.registry.nodes.values()
             if node.closed_reason is None and not node.draining

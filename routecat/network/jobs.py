@@ -18,13 +18,13 @@ from routecat.errors import RequestError
 
 _ALPHABET = string.ascii_letters + string.digits
 
-JobKind = Literal["chat", "completion"]
+JobKind = Literal["chat", "completion", "embedding"]
 # How a job ended (DESIGN section 3's table bills by it).
 Outcome = Literal["done", "client_gone", "node_failed", "timeout", "shutdown", "no_capacity"]
 
 
 def mint_job_id(kind: JobKind) -> str:
-    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "embedding": "emb-"}[kind]
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(29))
 
 
@@ -84,6 +84,8 @@ class Bill:
 class Final:
     finish_reason: str
     bill: Bill
+    # An embedding job's result: one base64 float32 vector per input, as the node sent it.
+    vectors: tuple[str, ...] = ()
 
 
 @attrs.frozen

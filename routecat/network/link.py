@@ -27,6 +27,7 @@ from owlrun.protocol import (
     Chunk,
     Chunks,
     Done,
+    Embedded,
     Hardware,
     JobError,
     Message,
@@ -44,7 +45,7 @@ RECOVERY = 0.05
 # acknowledges the cancel (a version-1 agent, or one that lost it).
 CANCEL_GRACE = 60.0
 
-NodeFrame = Chunk | Chunks | Done | JobError
+NodeFrame = Chunk | Chunks | Done | Embedded | JobError
 
 
 @attrs.define(eq=False)
@@ -67,7 +68,7 @@ class Attempt:
         return self.ended or self.failure is not None
 
     def deliver_nowait(self, frame: NodeFrame) -> None:
-        if isinstance(frame, Done | JobError):
+        if isinstance(frame, Done | Embedded | JobError):
             self.ended = True
         try:
             self.send.send_nowait(frame)
@@ -101,6 +102,7 @@ class NodeLink(Protocol):
     reputation: float
     tps_ema: float | None
     closed_reason: str | None
+    protocol_version: int
 
     @property
     def in_flight(self) -> int: ...

@@ -7,7 +7,11 @@ relays them, and reputation compares nodes' reports with them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
+import struct
 from typing import Any
 
 import attrs
@@ -88,3 +92,60 @@ def delta_bytes(delta: Delta) -> int:
             if value:
                 total += len(str(value).encode())
     return total
+
+
+# Special tokens a tokenizer may add around each embedded text (BOS, EOS, separators).
+PER_INPUT_ALLOWANCE = 4
+
+
+@attrs.frozen
+class EmbeddingInput:
+    """What the gateway knows of an embedding request's input before it is served."""
+
+    bytes: int  # UTF-8 bytes of the texts (for token arrays: the number of tokens)
+    inputs: int
+    tokens_given: bool  # token arrays: their length is the exact count
+
+    @property
+    def bound(self) -> int:
+        """Input tokens at most: a byte-level tokenizer's token is at least one byte; a
+        token array is its own count."""
+        if self.tokens_given:
+            return self.bytes
+        return self.bytes + PER_INPUT_ALLOWANCE * self.inputs
+
+
+def measure_embedding(inputs: list[str] | list[list[int]]) -> EmbeddingInput:
+    if inputs and isinstance(inputs[0], list):
+        return EmbeddingInput(sum(len(t) for t in inputs), len(inputs), True)
+    return EmbeddingInput(sum(len(str(t).encode()) for t in inputs), len(inputs), False)
+
+
+MAX_DIMENSIONS = 65536
+
+
+def vector_problem(vectors: list[str] | tuple[str, ...], inputs: int) -> str | None:
+    """Why a node's embedding result cannot be given to the client, or None: one
+    vector per input, each base64 of little-endian float32, all of one dimension, every
+    value finite."""
+    if len(vectors) != inputs:
+        return f"{len(vectors)} vectors for {inputs} inputs"
+    dims = None
+    for vector in vectors:
+        try:
+            raw = base64.b64decode(vector, validate=True)
+        except (ValueError, binascii.Error):
+            return "a vector is not base64"
+        if not raw or len(raw) % 4 or len(raw) > 4 * MAX_DIMENSIONS:
+            return "a vector is not float32 of a sane dimension"
+        if dims is not None and len(raw) != dims:
+            return "vectors of different dimensions"
+        dims = len(raw)
+        if not all(math.isfinite(v) for v in struct.unpack(f"<{len(raw) // 4}f", raw)):
+            return "a vector holds a non-finite number"
+    return None
+
+
+def unpack_vector(vector: str) -> list[float]:
+    raw = base64.b64decode(vector)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))

@@ -104,6 +104,10 @@ class Registry:
         ]
         return max((x for x in lengths if x), default=None)
 
+    def is_embedding(self, model: str) -> bool:
+        """Some node serving ``model`` says it is an embedding model."""
+        return any("embedding" in n.models[model].capabilities for n in self.serving(model))
+
     def is_known(self, model: str) -> bool:
         """Known: in the price catalog, or advertised by some node within 24 hours."""
         if model in self.catalog_models or self.serving(model):
@@ -111,13 +115,16 @@ class Registry:
         seen = self.model_seen.get(model)
         return seen is not None and self.clock.wall() - seen < KNOWN_FOR
 
-    def pick(self, model: str, exclude: Iterable[str] = ()) -> NodeLink | None:
+    def pick(
+        self, model: str, exclude: Iterable[str] = (), *, min_protocol: int = 1
+    ) -> NodeLink | None:
         """The best node with a free slot: least loaded, then fastest, then most reputable;
         one of ours if any is free, else one another replica holds (forwarded)."""
         excluded = set(exclude)
-        local = [n for n in self.nodes.values() if model in n.models and n.closed_reason is None]
+        able = [n for n in self.serving(model) if n.protocol_version >= min_protocol]
+        local = [n for n in able if n.id in self.nodes]
         return self._best(local, excluded) or self._best(
-            [n for n in self.serving(model) if n.id not in self.nodes], excluded
+            [n for n in able if n.id not in self.nodes], excluded
         )
 
     def _best(self, candidates: list[NodeLink], excluded: set[str]) -> NodeLink | None:

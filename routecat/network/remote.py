@@ -25,10 +25,12 @@ import httpx
 import trio
 
 from owlrun.protocol import (
+    PROTOCOL_VERSION,
     Cancel,
     Chunk,
     Chunks,
     Done,
+    Embedded,
     Job,
     JobError,
     Message,
@@ -71,6 +73,8 @@ class RemoteLink(LinkCounters):
     reputation: float = 1.0
     closed_reason: str | None = None
     remote_in_flight: int = 0  # what the serving replica last published (others' jobs)
+    # The serving replica checks its node's version itself (and refuses, retryably).
+    protocol_version: int = PROTOCOL_VERSION
     _jobs: dict[str, trio.CancelScope] = attrs.Factory(dict)
 
     @property
@@ -116,7 +120,14 @@ class RemoteLink(LinkCounters):
 
 
 def _models(entry: DirectoryEntry) -> dict[str, ModelInfo]:
-    return {m: ModelInfo(name=m, context_length=entry.contexts.get(m)) for m in entry.models}
+    return {
+        m: ModelInfo(
+            name=m,
+            context_length=entry.contexts.get(m),
+            capabilities=["embedding"] if m in entry.embedding else [],
+        )
+        for m in entry.models
+    }
 
 
 @attrs.define(eq=False)
@@ -200,12 +211,12 @@ class Forwarder:
                             if not line.strip():
                                 continue
                             frame = decode(line)
-                            if not isinstance(frame, Chunk | Chunks | Done | JobError):
+                            if not isinstance(frame, Chunk | Chunks | Done | Embedded | JobError):
                                 raise ProtocolError(f"unexpected {frame.type} frame")
                             if frame.job_id != job.job_id:
                                 raise ProtocolError("a frame for another job")
                             attempt.deliver_nowait(frame)
-                            if isinstance(frame, Done | JobError):
+                            if isinstance(frame, Done | Embedded | JobError):
                                 return
             except ProtocolError as exc:
                 reason = f"protocol violation from the serving replica: {exc}"

@@ -20,7 +20,16 @@ import string
 import attrs
 import trio
 
-from owlrun.protocol import Chunk, Chunks, Done, Job, JobError
+from owlrun.protocol import (
+    EMBEDDING_PROTOCOL,
+    MIN_PROTOCOL_VERSION,
+    Chunk,
+    Chunks,
+    Done,
+    Embedded,
+    Job,
+    JobError,
+)
 from routecat.clock import Clock
 from routecat.config import Config
 from routecat.errors import RequestError, ServiceUnavailable, UpstreamError
@@ -37,7 +46,7 @@ from routecat.network.jobs import (
     Outcome,
 )
 from routecat.network.link import Attempt, NodeLink
-from routecat.network.measure import delta_bytes
+from routecat.network.measure import delta_bytes, vector_problem
 from routecat.network.registry import Registry
 
 log = logging.getLogger("routecat.scheduler")
@@ -80,6 +89,7 @@ class _Progress:
     outcome: Outcome | None = None
     dispatched: bool = False
     tool_calls: set[int] = attrs.Factory(set)
+    vectors: tuple[str, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -133,10 +143,15 @@ class Scheduler:
 
     def _try_slot(self, spec: JobSpec, exclude: list[str]) -> Attempt | None:
         """A free slot now, None if all are busy; 503 if no eligible node is online."""
-        node = self.registry.pick(spec.model, exclude)
+        need = EMBEDDING_PROTOCOL if spec.kind == "embedding" else MIN_PROTOCOL_VERSION
+        node = self.registry.pick(spec.model, exclude, min_protocol=need)
         if node is not None:
             return node.open_attempt(spec.job_id)
-        eligible = [n for n in self.registry.serving(spec.model) if n.id not in exclude]
+        eligible = [
+            n
+            for n in self.registry.serving(spec.model)
+            if n.id not in exclude and n.protocol_version >= need
+        ]
         if not eligible:
             raise ServiceUnavailable(
                 f"no node serving '{spec.model}' is online right now", retry_after=10
@@ -241,7 +256,9 @@ class Scheduler:
                         with contextlib.suppress(
                             trio.BrokenResourceError, trio.ClosedResourceError
                         ):
-                            await handle._send.send(Final(progress.done.finish_reason, bill))
+                            await handle._send.send(
+                                Final(progress.done.finish_reason, bill, progress.vectors)
+                            )
                 handle._send.close()
                 del self.jobs[spec.job_id]
                 self.metrics.jobs_in_flight.set(len(self.jobs))
@@ -377,6 +394,10 @@ class Scheduler:
                 raise NodeFailed(
                     f"{which} timeout ({timeout:g}s)", retryable=True, outcome="timeout"
                 )
+            embedding = handle.spec.kind == "embedding"
+            if embedding != isinstance(frame, Embedded) and not isinstance(frame, JobError):
+                # Text for an embedding job, or vectors for a text job: not this job's answer.
+                raise NodeFailed(f"a {frame.type} frame for a {handle.spec.kind} job", True)
             if isinstance(frame, Chunk | Chunks):
                 for delta in frame.deltas if isinstance(frame, Chunks) else (frame.delta,):
                     if delta.is_empty():
@@ -392,6 +413,14 @@ class Scheduler:
                     await self._emit(handle, delta)
             elif isinstance(frame, Done):
                 progress.done = frame
+                return
+            elif isinstance(frame, Embedded):
+                # An embedding's whole result: the job is done, its usage reported here.
+                problem = vector_problem(frame.vectors, len(handle.spec.request.get("input", ())))
+                if problem is not None:
+                    raise NodeFailed(f"malformed embeddings: {problem}", retryable=True)
+                progress.vectors = tuple(frame.vectors)
+                progress.done = Done(frame.job_id, "stop", frame.usage)
                 return
             elif isinstance(frame, JobError):
                 raise NodeFailed(

@@ -31,6 +31,7 @@ from owlrun.protocol import (
     Chunks,
     Done,
     Drain,
+    Embedded,
     Heartbeat,
     Hello,
     JobError,
@@ -205,7 +206,7 @@ async def _receive_loop(
             registry.metrics.protocol_violations.labels("closed").inc()
             link.close(f"protocol violation: {exc}")
             return
-        if isinstance(message, Chunk | Chunks | Done | JobError):
+        if isinstance(message, Chunk | Chunks | Done | Embedded | JobError):
             attempt = link.attempts.get(message.job_id)
             if attempt is None:
                 if link.is_late(message.job_id):

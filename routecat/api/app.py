@@ -38,6 +38,7 @@ from routecat.api.http import (
 from routecat.api.internal import register_internal
 from routecat.api.nodes import serve_node_websocket
 from routecat.api.public import register_public
+from routecat.api.responses import register_responses
 from routecat.gateway import Gateway
 from routecat.web.pages import create_web
 
@@ -134,6 +135,7 @@ def create_app(gw: Gateway) -> App:
     register_public(app, gw)
     register_internal(app, gw)
     register_embeddings(app, gw)
+    register_responses(app, gw)
     register_accounts(app, gw)
     return app
 

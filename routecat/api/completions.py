@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -202,54 +202,65 @@ def stream_response(
         return _sse(error_body(event.error)), True
 
     # The job ended without a final event (shutdown): an error, and no [DONE].
-    stopped = _sse(
-        error_body(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5))
-    )
-
-    async def events() -> AsyncIterator[bytes]:
-        # The job is cancelled when the exchange ends (``open_job``), however it ends.
-        while True:
-            try:
-                event = handle.events.receive_nowait()  # the common case, no timer
-            except trio.WouldBlock:
-                with trio.move_on_after(keepalive) as timer:
-                    try:
-                        event = await handle.events.receive()
-                    except trio.EndOfChannel:
-                        yield stopped
-                        return
-                if timer.cancelled_caught:
-                    yield b": ping\n\n"
-                    continue
-            except trio.EndOfChannel:
-                yield stopped
-                return
-            data, ended = render(event)
-            # Chunks that arrived together leave in one write (one syscall, not many).
-            parts = [data]
-            while not ended and len(parts) < 64:
-                try:
-                    event = handle.events.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                except trio.EndOfChannel:
-                    parts.append(stopped)
-                    ended = True
-                    break
-                data, ended = render(event)
-                parts.append(data)
-            yield b"".join(parts)
-            if ended:
-                return
+    def stopped() -> bytes:
+        return _sse(
+            error_body(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5))
+        )
 
     response = Response(
-        events(),
+        sse_events(handle, render, stopped, keepalive),
         status=200,
         content_type="text/event-stream",
         headers={**SSE_HEADERS, **free_header(handle)},
     )
     response.timeout = None
     return response
+
+
+async def sse_events(
+    handle: JobHandle,
+    render: Callable[[Event], tuple[bytes, bool]],
+    stopped: Callable[[], bytes],
+    keepalive: float,
+) -> AsyncIterator[bytes]:
+    """A job's events as an SSE body: ``render`` turns each event into bytes (and says
+    whether it ends the stream); events that arrived together leave in one write; a
+    comment line every ``keepalive`` seconds while the engine is silent; ``stopped``
+    when the job ends without a final event (shutdown). The job is cancelled when the
+    exchange ends (``start_job``), however it ends."""
+    while True:
+        try:
+            event = handle.events.receive_nowait()  # the common case, no timer
+        except trio.WouldBlock:
+            with trio.move_on_after(keepalive) as timer:
+                try:
+                    event = await handle.events.receive()
+                except trio.EndOfChannel:
+                    yield stopped()
+                    return
+            if timer.cancelled_caught:
+                yield b": ping\n\n"
+                continue
+        except trio.EndOfChannel:
+            yield stopped()
+            return
+        data, ended = render(event)
+        # Chunks that arrived together leave in one write (one syscall, not many).
+        parts = [data]
+        while not ended and len(parts) < 64:
+            try:
+                event = handle.events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            except trio.EndOfChannel:
+                parts.append(stopped())
+                ended = True
+                break
+            data, ended = render(event)
+            parts.append(data)
+        yield b"".join(parts)
+        if ended:
+            return
 
 
 async def collect_response(

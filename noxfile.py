@@ -71,6 +71,14 @@ def postgres(session: nox.Session) -> None:
 
 
 @nox.session
+def contract(session: nox.Session) -> None:
+    """docs/openapi.yaml against a live gateway: schemathesis 4, every check, coverage,
+    fuzzing and stateful phases; any failure fails the session."""
+    session.install("-e", ".[test]", "schemathesis>=4.32,<5")
+    session.run("python", "-m", "tests.contract", *session.posargs)
+
+
+@nox.session
 def e2e(session: nox.Session) -> None:
     """Real external components: Node.js SDK clients (npm ci from the lock file) and the
     web pages in Debian's chromium (installed by .ci/run; never a downloaded browser)."""

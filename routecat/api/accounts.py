@@ -81,7 +81,10 @@ def register_accounts(app: App, gw: Gateway) -> None:
         gw.read_limit.acquire_nowait("ip:" + remote_ip(gw))
         data = await read_json()
         if isinstance(data, str):  # LNbits sends its JSON encoded twice
-            data = decode_json(data.encode())
+            try:
+                data = decode_json(data.encode())
+            except errors.InvalidRequest:
+                data = None  # a hint without a payment hash: nothing to check
         payment_hash = data.get("payment_hash") if isinstance(data, dict) else None
         if (
             isinstance(payment_hash, str)

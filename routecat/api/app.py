@@ -86,7 +86,7 @@ def create_app(gw: Gateway) -> App:
 
     @app.errorhandler(errors.RequestError)
     async def api_error(exc: errors.RequestError) -> Response:
-        return error_response(exc)
+        return _closing_if_unread(error_response(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -100,9 +100,8 @@ def create_app(gw: Gateway) -> App:
         response = error_response(kind(message))
         response.status_code = status
         if status == 413:
-            # The unread rest of the body makes the connection unusable: close it, so
-            # that a client's connection pool does not send its next request into it.
             response.headers["Connection"] = "close"
+        _closing_if_unread(response)
         if status == 405 and isinstance(exc, MethodNotAllowedHTTP) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return response
@@ -116,7 +115,9 @@ def create_app(gw: Gateway) -> App:
             exc_info=exc,
             extra={"request_id": g.get("request_id", "")},
         )
-        return error_response(errors.RequestError("internal error; the request id names it"))
+        return _closing_if_unread(
+            error_response(errors.RequestError("internal error; the request id names it"))
+        )
 
     app.register_blueprint(create_web(gw))
 
@@ -138,6 +139,17 @@ def create_app(gw: Gateway) -> App:
     register_responses(app, gw)
     register_accounts(app, gw)
     return app
+
+
+def _closing_if_unread(response: Response) -> Response:
+    """An error for a request that carried a body closes the connection: the error may
+    have come before the body was read whole (a bad key, a rate limit, the router), and
+    an unread rest would make the connection unusable for a client's next request."""
+    if has_request_context() and (
+        request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "")
+    ):
+        response.headers["Connection"] = "close"
+    return response
 
 
 def _method() -> str:

@@ -115,25 +115,31 @@ def _embedding_input(value: Any, _t: Any) -> str | list[str] | list[list[int]]:
         return value
     if not isinstance(value, list) or not value:
         raise TypeError("expected a string or a non-empty array")
+
+    def token_ids(ids: Any) -> list[int] | None:
+        """Token ids (integers as JSON Schema means them), or None."""
+        if not isinstance(ids, list) or not ids:
+            return None
+        out = []
+        for t in ids:
+            if isinstance(t, float) and t.is_integer():
+                t = int(t)
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID:
+                return None
+            out.append(t)
+        return out
+
+    single = token_ids(value)
+    if single is not None:  # one input, as token ids
+        return [single]
     if len(value) > MAX_EMBEDDING_INPUTS:
         raise TypeError(f"at most {MAX_EMBEDDING_INPUTS} inputs")
-
-    def token_ids(ids: Any) -> bool:
-        return (
-            isinstance(ids, list)
-            and bool(ids)
-            and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID
-                for t in ids
-            )
-        )
-
     if all(isinstance(x, str) and x for x in value):
         return value
-    if token_ids(value):
-        return [value]
-    if all(token_ids(x) for x in value):
-        return value
+    many = [token_ids(x) for x in value]
+    found = [ids for ids in many if ids is not None]
+    if len(found) == len(many):
+        return found
     raise TypeError(
         "expected a non-empty string, an array of non-empty strings, an array of token ids"
         " or an array of arrays of token ids"
@@ -191,6 +197,21 @@ class TopupRequest:
 # -- the converter ---------------------------------------------------------------------
 
 converter = strict_converter()
+
+
+def _json_int(value: Any, _t: Any) -> int:
+    """An integer as JSON Schema means it: a number with no fractional part (``5.0``
+    is 5), never a string or a boolean."""
+    if isinstance(value, bool):
+        raise TypeError("expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    raise TypeError("expected an integer")
+
+
+converter.register_structure_hook(int, _json_int)
 
 
 def _content(value: Any, _t: Any) -> str | list[dict[str, Any]] | None:
@@ -290,13 +311,21 @@ T = TypeVar("T")
 
 
 def decode_json(body: bytes) -> Any:
-    """Parse a request body, or raise a 400 saying why."""
+    """Parse a request body, or raise a 400 saying why. A lone surrogate escape
+    (``"\\ud800"``) is valid JSON but no Unicode text: refused here, before it reaches
+    a database or an engine."""
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except UnicodeDecodeError as exc:
         raise InvalidRequest("request body is not valid UTF-8") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if b"\\ud" in body.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("request body holds a lone surrogate: not Unicode text") from None
+    return data
 
 
 def parse_request(cls: type[T], data: Any) -> T:

@@ -28,7 +28,8 @@ KNOWN_FOR = 24 * 3600.0
 # The epoch that replicas watch to close nodes banned elsewhere.
 BANS_EPOCH = "bans"
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
-MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+# 1 to 200 characters: no control characters, no lone surrogates.
+MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
 MAX_MODELS = 1000
 
 

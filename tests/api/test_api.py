@@ -478,3 +478,32 @@ async def test_openapi_documents_every_public_route(gateway: Running) -> None:
     documented = set(spec["paths"])
     assert routes - documented == set(), "routes missing from docs/openapi.yaml"
     assert documented - routes == set(), "docs/openapi.yaml documents routes that do not exist"
+
+
+async def test_what_the_contract_fuzzer_found(client: httpx.AsyncClient) -> None:
+    """Each a failure schemathesis found against docs/openapi.yaml (nox -s contract)."""
+    with trio.fail_after(20):
+        # A lone surrogate is valid JSON, not Unicode text: a 400, never a 500.
+        r = await client.post(
+            "/v1/auth/register",
+            content=b'{"name": "a\\udab0b"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert_error(r, 400, "invalid_request")
+        assert "surrogate" in r.json()["error"]["message"]
+        # An integer in JSON Schema's sense: 10.0 is 10; 10.5 and "10" are not.
+        key = await register(client)
+        auth = {"Authorization": f"Bearer {key}"}
+        ok = await client.post("/v1/auth/topup", json={"amount_sats": 1000.0}, headers=auth)
+        assert ok.status_code == 200, ok.text
+        for bad in (1000.5, "1000", True):
+            r = await client.post("/v1/auth/topup", json={"amount_sats": bad}, headers=auth)
+            assert_error(r, 400, "invalid_request")
+        # An error for a request with a body closes the connection (its unread rest
+        # would poison the next request on it).
+        r = await client.post("/v1/chat/completions", json={"model": "x"})
+        assert_error(r, 401, "invalid_api_key")
+        assert r.headers["connection"] == "close"
+        # The webhook is a hint: any JSON, even a string that is not JSON inside, is 200.
+        r = await client.post("/v1/lightning/webhook", json="")
+        assert r.status_code == 200 and r.json() == {"ok": True}

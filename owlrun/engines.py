@@ -51,12 +51,23 @@ Event = Delta | Finish | Embeddings
 
 def pack_vector(values: Any) -> str:
     """An engine's embedding (a JSON array of numbers) as base64 float32; ValueError
-    for anything else."""
+    for anything else. Per-token vectors (an array of arrays: llama.cpp for a model
+    without pooling) are mean-pooled into one."""
+    if isinstance(values, list) and values and all(isinstance(v, list) for v in values):
+        rows = [_numbers(v) for v in values]
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError("per-token vectors of different sizes")
+        values = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+    numbers = _numbers(values)
+    return base64.b64encode(struct.pack(f"<{len(numbers)}f", *numbers)).decode()
+
+
+def _numbers(values: Any) -> list[float]:
     if not isinstance(values, list) or not values or len(values) > MAX_DIMENSIONS:
         raise ValueError("an embedding is a non-empty array of numbers")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         raise ValueError("an embedding is an array of numbers")
-    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+    return values
 
 
 MAX_DIMENSIONS = 65536

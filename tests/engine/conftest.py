@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.engines import SMOL, TINY, Engine, python_executable, start_engine_server
+from tests.engine.engines import (
+    SMOL,
+    SMOL_EMBED,
+    TINY,
+    Engine,
+    python_executable,
+    start_engine_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +35,13 @@ def smol_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     model = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert model.exists(), f"{model} is missing: run these tests with `nox -s engine`"
     yield from start_engine_server(model, SMOL, tmp_path_factory.mktemp("smol"))
+
+
+@pytest.fixture(scope="session")
+def smol_embed_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    models = Path(os.environ.get("ROUTECAT_TEST_MODELS", ""))
+    model = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.exists(), f"{model} is missing: run these tests with `nox -s engine`"
+    yield from start_engine_server(
+        model, SMOL_EMBED, tmp_path_factory.mktemp("smol_embed"), embedding=True
+    )

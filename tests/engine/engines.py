@@ -17,6 +17,10 @@ TINY = "tiny:test"
 
 
 SMOL = "smollm2:135m"
+# The same SmolLM2 weights in llama.cpp's embedding mode (mean-pooled hidden states):
+# no embedding model installs from the package index, so a real model's own
+# embeddings stand in for one.
+SMOL_EMBED = "smollm2-embed:135m"
 
 
 @attrs.define
@@ -26,13 +30,15 @@ class Engine:
     process: subprocess.Popen[bytes]
 
 
-def llama_server_command(python: str, model: str, alias: str, port: int) -> list[str]:
+def llama_server_command(
+    python: str, model: str, alias: str, port: int, *, embedding: bool = False
+) -> list[str]:
     """llama-cpp-python's OpenAI server as the docs tell providers to run it: one
     thread, and never cutting a running stream off for a new request."""
     return [
         python, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-        "--interrupt_requests", "False",
+        "--interrupt_requests", "False", *(["--embedding", "True"] if embedding else []),
     ]  # fmt: skip
 
 
@@ -51,11 +57,15 @@ def python_executable() -> str:
     return python
 
 
-def start_engine_server(model_path: Path, alias: str, workdir: Path) -> Iterator[Engine]:
+def start_engine_server(
+    model_path: Path, alias: str, workdir: Path, *, embedding: bool = False
+) -> Iterator[Engine]:
     port = _free_port()
     log = open(workdir / f"{alias.replace(':', '_')}.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        llama_server_command(python_executable(), str(model_path), alias, port),
+        llama_server_command(
+            python_executable(), str(model_path), alias, port, embedding=embedding
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.clients import read_sse, text_of
-from tests.engine.engines import SMOL, TINY, Engine
+from tests.engine.engines import SMOL, SMOL_EMBED, TINY, Engine
 from tests.fakes import FakeEngine
 from tests.servers import Network, start_network, start_node
 
@@ -261,3 +261,34 @@ async def test_real_engine_counts_stay_within_the_bounds(
             through = await c.post("/v1/chat/completions", json=body)
         assert through.status_code == 200, through.text
         assert net.gateway.gw.reputation.penalties == {}
+
+
+async def test_real_embeddings_through_the_gateway(
+    nursery: trio.Nursery, tmp_path: Path, smol_embed_engine: Engine
+) -> None:
+    """A real model's embeddings (llama.cpp, SmolLM2-135M mean-pooled): one vector per
+    input of the model's width, close texts closer than unrelated ones, and the engine's
+    own token count billed within the byte bound."""
+    import math
+
+    import openai
+
+    with trio.fail_after(120):
+        net = await network_for(nursery, tmp_path, smol_embed_engine)
+        client = openai.AsyncOpenAI(base_url=net.url + "/v1", api_key=net.key, max_retries=0)
+        texts = [
+            "The cat sleeps on the warm sofa.",
+            "A cat is sleeping on a cosy couch.",
+            "Quarterly revenue grew by twelve percent.",
+        ]
+        r = await client.embeddings.create(model=SMOL_EMBED, input=texts)
+        vectors = [d.embedding for d in r.data]
+        assert [len(v) for v in vectors] == [576] * 3  # SmolLM2-135M's hidden size
+
+        def cosine(a: list[float], b: list[float]) -> float:
+            dot = sum(x * y for x, y in zip(a, b, strict=True))
+            return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+        assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+        assert 0 < r.usage.prompt_tokens <= sum(len(t.encode()) + 4 for t in texts)
+        await client.close()

@@ -668,3 +668,31 @@ async def test_a_forwarded_job_fails_over_before_its_first_token(
         assert r.json()["choices"][0]["message"]["content"] == "You said: fail over"
         assert [j["id"] for j in audit["jobs"]] == [r.json()["id"]]  # billed once
         await ledger_ok(b)
+
+
+async def test_embeddings_and_responses_through_forwarding(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import openai
+
+    embed = "nomic-embed-text:v1.5"
+    with trio.fail_after(60):
+        a, b = await start_replicas(nursery, tmp_path, 2, catalog=catalog(tmp_path))
+        engine = await start_engine(nursery, Knobs(models=[MODEL, embed]))
+        await start_node(nursery, a.url, engine)
+        await wait_for(lambda: len(b.gw.registry.online_models()) == 2, timeout=20)
+        async with b.client() as c:
+            key = await register(c)
+            kinds = {
+                m["id"]: m["routecat_kind"] for m in (await c.get("/v1/models")).json()["data"]
+            }
+        assert kinds == {MODEL: "chat", embed: "embedding"}  # B knows A's node's models
+        await fund(b, key, 10_000)
+        client = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=key, max_retries=0)
+        e = await client.embeddings.create(model=embed, input=["one", "two"])
+        assert [len(d.embedding) for d in e.data] == [8, 8]
+        r = await client.responses.create(model=MODEL, input="over there")
+        assert r.output_text == "You said: over there"
+        await client.close()
+        assert b.gw.forwarder.forwarded == 2
+        await ledger_ok(b)

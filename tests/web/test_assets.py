@@ -24,3 +24,10 @@ async def test_pages_link_their_static_files(client: httpx.AsyncClient) -> None:
         page = await client.get("/")
     assert page.status_code == 200
     assert 'href="/static/app.css"' in page.text
+
+
+async def test_docs_page_shows_the_clients_options(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        page = (await client.get("/docs")).text
+    assert '"includeUsage": true' in page  # OpenCode shows 0 tokens without it
+    assert "/v1/responses" in page and "/v1/embeddings" in page and "/v1/auth/usage" in page

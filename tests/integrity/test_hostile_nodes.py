@@ -196,6 +196,15 @@ frames = st.one_of(
     done_frames,
     st.tuples(st.just("error"), targets, st.fixed_dictionaries({"retryable": numbers})),
     st.tuples(st.just("cancelled"), targets, st.just({})),
+    # An embedding's result for a chat job (or anyone's): never this job's answer.
+    st.tuples(
+        st.just("embedded"),
+        targets,
+        st.fixed_dictionaries(
+            {"vectors": st.one_of(st.lists(st.text(max_size=12), max_size=3), numbers)},
+            optional={"usage": usages},
+        ),
+    ),
     st.tuples(st.just("heartbeat"), st.just("none"), st.fixed_dictionaries({"in_flight": numbers})),
     st.tuples(st.just("models"), st.just("none"), st.fixed_dictionaries({"models": numbers})),
     st.tuples(st.sampled_from(["garbage", "unknown", "hello"]), st.just("none"), st.just({})),

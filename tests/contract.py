@@ -72,6 +72,7 @@ def main(argv: list[str]) -> int:
                 *args,
             ],
             check=False,
+            cwd=tmp,  # its cache and reports stay out of the checkout
         )
         return done.returncode
     finally:

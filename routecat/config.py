@@ -105,6 +105,9 @@ class Config:
 
     # Admin endpoint (loopback only, token in a 0600 file next to the database).
     admin: bool = True
+    # Stock Go Owlrun agents (docs/providers.md): off unless the operator turns it on.
+    owlrun_compat: bool = False
+    compat_concurrency: int = 1  # jobs at once on one stock agent (it runs all it accepts)
     # Replicas on one PostgreSQL database (docs/scaling.md).
     cluster_interval: float = 2.0  # how often a replica beats and reads the others
     replica_liveness: float = 10.0  # silent this long: a replica is dead to the others

@@ -39,6 +39,7 @@ from routecat.api.internal import register_internal
 from routecat.api.nodes import serve_node_websocket
 from routecat.api.public import register_public
 from routecat.api.responses import register_responses
+from routecat.api.stock import register_stock
 from routecat.gateway import Gateway
 from routecat.web.pages import create_web
 
@@ -137,6 +138,7 @@ def create_app(gw: Gateway) -> App:
     register_internal(app, gw)
     register_embeddings(app, gw)
     register_responses(app, gw)
+    register_stock(app, gw)
     register_accounts(app, gw)
     return app
 

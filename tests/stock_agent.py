@@ -9,6 +9,7 @@ fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import uuid
@@ -43,6 +44,7 @@ class StockAgent:
     connected: bool = False
     usage_factor: float = 1.0  # > 1: a lying agent inflates the relayed usage
     reject_all: bool = False  # every job rejected ("no_vram")
+    _job_nursery: Any = None
 
     async def register(self, client: httpx.AsyncClient) -> httpx.Response:
         body = {
@@ -71,7 +73,11 @@ class StockAgent:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client,
+            trio.open_nursery() as jobs,  # a job outlives its session, as in the Go agent
+        ):
+            self._job_nursery = jobs
             while True:
                 delay = 1.0
                 while (await self.register(client)).status_code not in (200, 201):
@@ -81,8 +87,8 @@ class StockAgent:
                 url = self.gateway.replace("http", "ws", 1) + f"/v1/gateway/ws?api_key={self.key}"
                 try:
                     async with trio_websocket.open_websocket_url(url) as ws:
-                        await self._session(ws, client, None if started else task_status)
-                        started = True
+                        first, started = not started, True
+                        await self._session(ws, client, task_status if first else None)
                 except* (trio_websocket.ConnectionClosed, OSError, trio_websocket.HandshakeError):
                     pass
                 finally:
@@ -124,11 +130,17 @@ class StockAgent:
                 elif kind == "heartbeat_ack":
                     self.acks.append(frame)
                 elif kind == "job":
-                    nursery.start_soon(self._job, send, client, frame)
+                    self._job_nursery.start_soon(self._job, send, client, frame)
                 elif kind == "drain":
                     return
 
     async def _job(self, send: Any, client: httpx.AsyncClient, frame: dict[str, Any]) -> None:
+        """One job, to its end or its first failed write (the session may be gone)."""
+        # Its next write failing (the session gone) stops the job, as in the Go agent.
+        with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            await self._serve(send, client, frame)
+
+    async def _serve(self, send: Any, client: httpx.AsyncClient, frame: dict[str, Any]) -> None:
         job_id, model = frame["job_id"], frame["model"]
         self.jobs.append(job_id)
         if model not in self.models or self.reject_all:
@@ -147,33 +159,40 @@ class StockAgent:
         body.setdefault("stream", True)
         body.setdefault("stream_options", {"include_usage": True})
         try:
-            async with client.stream(
+            request = client.build_request(
                 "POST", f"{self.engine_url}/v1/chat/completions", json=body
-            ) as response:
-                if response.status_code != 200:
-                    return  # the Go agent sends nothing at all when the engine fails
-                pending = b""
-                async for chunk in response.aiter_raw():
-                    pending += self._lie(chunk)
-                    while len(pending) >= self.piece:
-                        piece, pending = pending[: self.piece], pending[self.piece :]
-                        await send(
-                            {
-                                "type": "proxy_chunk",
-                                "job_id": job_id,
-                                "data": piece.decode(errors="replace"),
-                            }
-                        )
-                if pending:
+            )
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError:
+            return
+        try:
+            if response.status_code != 200:
+                return  # the Go agent sends nothing at all when the engine fails
+            pending = b""
+            async for chunk in response.aiter_raw():
+                pending += self._lie(chunk)
+                while len(pending) >= self.piece:
+                    piece, pending = pending[: self.piece], pending[self.piece :]
                     await send(
                         {
                             "type": "proxy_chunk",
                             "job_id": job_id,
-                            "data": pending.decode(errors="replace"),
+                            "data": piece.decode(errors="replace"),
                         }
                     )
+            if pending:
+                await send(
+                    {
+                        "type": "proxy_chunk",
+                        "job_id": job_id,
+                        "data": pending.decode(errors="replace"),
+                    }
+                )
         except httpx.HTTPError:
             return
+        finally:
+            with trio.CancelScope(shield=True):  # closed even when the test ends it
+                await response.aclose()
         await send({"type": "proxy_done", "job_id": job_id})
 
     def _lie(self, chunk: bytes) -> bytes:

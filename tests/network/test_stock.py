@@ -4,11 +4,13 @@ held to RouteCat's security."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import trio
 
 from tests.clients import MODEL, chat, wait_for
@@ -135,3 +137,41 @@ async def test_compat_is_off_by_default(nursery: trio.Nursery, tmp_path: Path) -
         agent = StockAgent(net.url, engine.url, [MODEL])
         async with httpx.AsyncClient() as c:
             assert_error(await agent.register(c), 404, "not_found")
+
+
+# The gateway closes the emulator's websocket under it (that is the point of the test);
+# trio-websocket then drops the client's TCP socket to the garbage collector unclosed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_client_leaving_closes_the_agents_only_job_and_is_billed_delivered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    with trio.fail_after(40):
+        net = await compat_network(nursery, tmp_path, free_daily_requests="0")
+        engine = await start_engine(nursery, Knobs(delay=0.1, repeat=50))
+        agent = StockAgent(net.url, engine.url, [MODEL], heartbeat=0.2)
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        # Heartbeats are answered, with a zero balance (no ecash withdrawal is asked).
+        await wait_for(lambda: bool(agent.acks), timeout=5)
+        assert agent.acks[0]["type"] == "heartbeat_ack" and agent.acks[0]["balance_sats"] == 0
+        sessions = agent.registered
+        async with (
+            net.client() as c,
+            c.stream(
+                "POST", "/v1/chat/completions", json=chat("long", stream=True, max_tokens=2000)
+            ) as r,
+        ):
+            got = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    got += 1
+                    if got == 3:
+                        break
+        # Its only job: the socket is closed (the agent has no cancel), it registers again.
+        await wait_for(lambda: agent.registered > sessions, timeout=10)
+        await wait_for(lambda: not net.gateway.gw.scheduler.jobs, timeout=10)
+        async with net.client() as c:
+            usage = (await c.get("/v1/auth/usage")).json()["data"][0]
+        assert 0 < usage["tokens_out"] < 2000  # the delivered part, not the whole answer
+        await ledger_ok(net)
+        gc.collect()  # the dropped socket (see the mark) is collected here, not in a later test

@@ -334,9 +334,11 @@ def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
         for n in data["nodes"]:
             state = "draining" if n["draining"] else ("cooling" if n["cooling_down_s"] else "ok")
             print(
-                f"{n['id']:24} {state:8} load {n['in_flight']}/{n['capacity']}"
+                f"{n['id']:24} {n.get('kind', 'native'):6} {state:8}"
+                f" load {n['in_flight']}/{n['capacity']}"
                 f"  ttft {n['ttft_ms']} ms  {n['tokens_per_s']} tok/s"
-                f"  seen {n['last_seen_s']}s ago  models: {', '.join(n['models'])}"
+                f"  seen {n['last_seen_s']}s ago  agent {n.get('agent_version', '')}"
+                f"  models: {', '.join(n['models'])}"
             )
         return 0
     store = open_store(config)

@@ -183,6 +183,20 @@ class LinkCounters:
             self.reputation = max(0.05, self.reputation * PENALTY)
             self.cooldown_until = max(self.cooldown_until, now + cooldown)
 
+    def counters(self, now: float) -> dict[str, Any]:
+        """What ``describe`` shows of the bookkeeping, for every kind of link."""
+        return {
+            "capacity": self.capacity,
+            "in_flight": self.in_flight,
+            "draining": self.draining,
+            "cooling_down_s": max(0.0, round(self.cooldown_until - now, 1)),
+            "failures": self.failures,
+            "jobs_done": self.jobs_done,
+            "ttft_ms": None if self.ttft_ema is None else round(self.ttft_ema * 1000),
+            "tokens_per_s": None if self.tps_ema is None else round(self.tps_ema, 1),
+            "reputation": round(self.reputation, 3),
+        }
+
 
 @attrs.define(eq=False)
 class NativeLink(LinkCounters):
@@ -249,18 +263,11 @@ class NativeLink(LinkCounters):
     def describe(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": "native",
             "name": self.name,
             "agent_version": self.agent_version,
             "models": sorted(self.models),
-            "capacity": self.capacity,
-            "in_flight": self.in_flight,
-            "draining": self.draining,
-            "cooling_down_s": max(0.0, round(self.cooldown_until - now, 1)),
-            "failures": self.failures,
-            "jobs_done": self.jobs_done,
-            "ttft_ms": None if self.ttft_ema is None else round(self.ttft_ema * 1000),
-            "tokens_per_s": None if self.tps_ema is None else round(self.tps_ema, 1),
-            "reputation": round(self.reputation, 3),
+            **self.counters(now),
             "last_seen_s": round(now - self.last_seen, 1),
             "hardware": attrs.asdict(self.hardware),
         }

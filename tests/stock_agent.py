@@ -44,6 +44,7 @@ class StockAgent:
     connected: bool = False
     usage_factor: float = 1.0  # > 1: a lying agent inflates the relayed usage
     reject_all: bool = False  # every job rejected ("no_vram")
+    register_at: str = ""  # another replica for the registration (a load balancer's doing)
     _job_nursery: Any = None
 
     async def register(self, client: httpx.AsyncClient) -> httpx.Response:
@@ -66,7 +67,7 @@ class StockAgent:
             "version": "owlrun-go/1.4.2",
         }
         return await client.post(
-            f"{self.gateway}/v1/gateway/register",
+            f"{self.register_at or self.gateway}/v1/gateway/register",
             json=body,
             headers={"Authorization": f"Bearer {self.key}"},
         )

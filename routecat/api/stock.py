@@ -19,6 +19,8 @@ from quart import Response, request, websocket
 from owlrun.protocol import Hello, ModelInfo
 from routecat import errors
 from routecat.api.http import App, json_response, read_json
+from routecat.db import nodes as nodes_db
+from routecat.db.nodes import StockRegistration
 from routecat.gateway import Gateway
 from routecat.network.registry import NODE_ID, models_ok
 from routecat.network.session import Transport
@@ -64,7 +66,6 @@ def _registration(data: Any) -> tuple[str, list[str], str, str, int | None]:
 
 
 def register_stock(app: App, gw: Gateway) -> None:
-    registrations: dict[str, Registration] = {}  # provider key hash -> what it registered
 
     def enabled() -> None:
         if not gw.config.owlrun_compat:
@@ -97,9 +98,12 @@ def register_stock(app: App, gw: Gateway) -> None:
         problem = await gw.registry.authenticate(hello, key)
         if problem is not None:
             raise errors.InvalidApiKey(f"registration refused: {problem}")
-        registrations[key_hash(key)] = Registration(
-            node_id, models, version, gw.config.payout_threshold(threshold)
+        # In the database: the agent may dial another replica than the one it registered at.
+        record = StockRegistration(
+            node_id, tuple(models), version, gw.config.payout_threshold(threshold)
         )
+        now, digest = gw.clock.wall(), key_hash(key)
+        await gw.store.write(lambda db: nodes_db.put_stock_registration(db, digest, record, now))
         return json_response({"status": "registered", "node_id": node_id})
 
     @app.get("/v1/gateway/jobs/<job_id>/proxy/request")
@@ -120,7 +124,14 @@ def register_stock(app: App, gw: Gateway) -> None:
             await websocket.close(1008, "not found")
             return
         key = websocket.args.get("api_key", "")
-        registration = registrations.get(key_hash(key)) if PROVIDER_KEY.fullmatch(key) else None
+        registration = None
+        if PROVIDER_KEY.fullmatch(key):
+            digest = key_hash(key)
+            found = await gw.store.read(lambda db: nodes_db.stock_registration(db, digest))
+            if found is not None:
+                registration = Registration(
+                    found.node_id, list(found.models), found.version, found.threshold_sats
+                )
         await websocket.accept()
         if registration is None:
             await websocket.close(1008, "register first (POST /v1/gateway/register)")
@@ -128,9 +139,6 @@ def register_stock(app: App, gw: Gateway) -> None:
 
         async def close(code: int, reason: str) -> None:
             await websocket.close(code, reason)
-
-        async def earnings(node_id: str) -> dict[str, int]:
-            return {}
 
         await serve_stock_session(
             gw.registry,

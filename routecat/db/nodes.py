@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import attrs
@@ -108,3 +109,49 @@ def banned_among(db: Connection, node_ids: Iterable[str]) -> list[str]:
     return [
         r[0] for r in rows(db, "SELECT id FROM nodes WHERE banned_at IS NOT NULL") if r[0] in wanted
     ]
+
+
+@attrs.frozen
+class StockRegistration:
+    """What a stock Go Owlrun agent said when it last registered (any replica)."""
+
+    node_id: str
+    models: tuple[str, ...]
+    version: str
+    threshold_sats: int
+
+
+def put_stock_registration(
+    db: Connection, key_hash: str, registration: StockRegistration, at: float
+) -> None:
+    db.execute(
+        "INSERT INTO stock_registrations (key_hash, node_id, models, version, threshold_sats,"
+        " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key_hash) DO UPDATE SET"
+        " node_id = excluded.node_id, models = excluded.models, version = excluded.version,"
+        " threshold_sats = excluded.threshold_sats, updated_at = excluded.updated_at",
+        (
+            key_hash,
+            registration.node_id,
+            json.dumps(list(registration.models)),
+            registration.version,
+            registration.threshold_sats,
+            at,
+        ),
+    )
+
+
+def stock_registration(db: Connection, key_hash: str) -> StockRegistration | None:
+    row = db.execute(
+        "SELECT node_id, models, version, threshold_sats FROM stock_registrations"
+        " WHERE key_hash = ?",
+        (key_hash,),
+    ).fetchone()
+    if row is None:
+        return None
+    models = json.loads(row[1])
+    return StockRegistration(
+        row[0],
+        tuple(m for m in models if isinstance(m, str)) if isinstance(models, list) else (),
+        row[2],
+        int(row[3]),
+    )

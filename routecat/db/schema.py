@@ -193,6 +193,19 @@ MIGRATIONS = (
         CREATE INDEX jobs_key ON jobs (key_id, finished_at);
         """,
     ),
+    Migration(
+        7,
+        """
+        CREATE TABLE stock_registrations (
+            key_hash TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            models TEXT NOT NULL,
+            version TEXT NOT NULL,
+            threshold_sats INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -696,3 +696,26 @@ async def test_embeddings_and_responses_through_forwarding(
         await client.close()
         assert b.gw.forwarder.forwarded == 2
         await ledger_ok(b)
+
+
+async def test_a_stock_agent_registered_at_one_replica_serves_through_another(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from tests.stock_agent import StockAgent
+
+    with trio.fail_after(60):
+        a, b = await start_replicas(nursery, tmp_path, 2, owlrun_compat="true")
+        engine = await start_engine(nursery, Knobs())
+        agent = StockAgent(b.url, engine.url, [MODEL], register_at=a.url)
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in b.gw.registry.nodes, timeout=10)
+        async with b.client() as c:
+            key = await register(c)
+            r = await c.post(
+                "/v1/chat/completions",
+                json=chat("hello there"),
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "You said: hello there"
+        await ledger_ok(a)

@@ -108,6 +108,7 @@ class Config:
     # Stock Go Owlrun agents (docs/providers.md): off unless the operator turns it on.
     owlrun_compat: bool = False
     compat_concurrency: int = 1  # jobs at once on one stock agent (it runs all it accepts)
+    compat_fetch_timeout: float = 10.0  # an accepted job not fetched by then fails over
     # Replicas on one PostgreSQL database (docs/scaling.md).
     cluster_interval: float = 2.0  # how often a replica beats and reads the others
     replica_liveness: float = 10.0  # silent this long: a replica is dead to the others
@@ -247,6 +248,8 @@ def _check(config: Config) -> None:
         <= config.payout_max_threshold_sats
     ):
         raise ConfigError("payout_threshold_sats must lie within the operator bounds")
+    if config.compat_concurrency < 1 or config.compat_fetch_timeout <= 0:
+        raise ConfigError("compat_concurrency must be at least 1, compat_fetch_timeout positive")
     for name in ("rate_limit_per_minute", "register_limit_per_hour", "free_daily_requests"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")

@@ -308,10 +308,16 @@ async def ledger_ok(net: Network) -> None:
 
 
 async def earn(
-    nursery: trio.Nursery, tmp_path: Path, mode: str = "good", **overrides: Any
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    mode: str = "good",
+    stock: Any = None,
+    **overrides: Any,
 ) -> tuple[Network, LnurlServer]:
     """A network whose node has a Lightning Address on a local LNURL server, and has
-    earned over its 100-sat threshold from paid jobs; the dev wallet is funded."""
+    earned over its 100-sat threshold from paid jobs; the dev wallet is funded. The node
+    is a native one, or ``stock`` (a ``tests.stock_agent.StockAgent``, which this points
+    at the gateway and its engine and starts)."""
     lnurl = await start_lnurl(nursery, mode)
     settings = {
         "catalog": catalog(tmp_path),
@@ -319,13 +325,19 @@ async def earn(
         "payout_interval": "0.2",
         "payout_threshold_sats": "100",
         "free_daily_requests": "0",  # paid jobs: payable at once
+        "owlrun_compat": "true" if stock is not None else "false",
         **overrides,
     }
     net = await start_network(nursery, tmp_path, nodes=0, **settings)
     engine = await start_engine(nursery, Knobs())
-    node = await start_node(nursery, net.url, engine, payout_address="alice@provider.example")
-    net.nodes.append(node)
     gw = net.gateway.gw
+    if stock is None:
+        node = await start_node(nursery, net.url, engine, payout_address="alice@provider.example")
+        net.nodes.append(node)
+    else:
+        stock.gateway, stock.engine_url = net.url, engine.url
+        await nursery.start(stock.run)
+        await wait_for(lambda: stock.node_id in gw.registry.nodes, timeout=10)
     # Fund the operator's dev wallet: a customer tops up 5,000 sats.
     async with net.client() as c:
         body = await topup(c, 5000)

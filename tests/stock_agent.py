@@ -22,6 +22,8 @@ import httpx
 import trio
 import trio_websocket
 
+from owlrun.agent import open_gateway_socket
+
 
 def provider_key() -> str:
     return "owlr_prov_" + secrets.token_hex(24)
@@ -35,6 +37,8 @@ class StockAgent:
     key: str = attrs.Factory(provider_key)
     node_id: str = attrs.Factory(lambda: str(uuid.uuid4()))
     lightning_address: str = ""
+    threshold_sats: int = 1000  # its redeem_threshold_sats
+    fetch: bool = True  # False: it accepts jobs and never fetches them
     piece: int = 4096
     heartbeat: float = 30.0
     acks: list[dict[str, Any]] = attrs.Factory(list)
@@ -45,6 +49,7 @@ class StockAgent:
     usage_factor: float = 1.0  # > 1: a lying agent inflates the relayed usage
     reject_all: bool = False  # every job rejected ("no_vram")
     register_at: str = ""  # another replica for the registration (a load balancer's doing)
+    fetch_at: str = ""  # another replica for the job fetch (the same)
     _job_nursery: Any = None
 
     async def register(self, client: httpx.AsyncClient) -> httpx.Response:
@@ -62,7 +67,7 @@ class StockAgent:
             "wallet": "",
             "referral_code": "",
             "lightning_address": self.lightning_address,
-            "redeem_threshold_sats": 1000,
+            "redeem_threshold_sats": self.threshold_sats,
             "free_tier_pct": 0,
             "version": "owlrun-go/1.4.2",
         }
@@ -87,7 +92,9 @@ class StockAgent:
                 self.registered += 1
                 url = self.gateway.replace("http", "ws", 1) + f"/v1/gateway/ws?api_key={self.key}"
                 try:
-                    async with trio_websocket.open_websocket_url(url) as ws:
+                    # A socket whose TCP stream is always closed, even when the gateway
+                    # closes first (trio-websocket's own leaves it to the collector).
+                    async with open_gateway_socket(url, [], max_message_size=1 << 20) as ws:
                         first, started = not started, True
                         await self._session(ws, client, task_status if first else None)
                 except* (trio_websocket.ConnectionClosed, OSError, trio_websocket.HandshakeError):
@@ -149,8 +156,10 @@ class StockAgent:
             await send({"type": "reject", "job_id": job_id, "reason": reason})
             return
         await send({"type": "accept", "job_id": job_id})
+        if not self.fetch:
+            return
         r = await client.get(
-            f"{self.gateway}/v1/gateway/jobs/{job_id}/proxy/request",
+            f"{self.fetch_at or self.gateway}/v1/gateway/jobs/{job_id}/proxy/request",
             headers={"Authorization": f"Bearer {self.key}"},
         )
         if r.status_code != 200:

@@ -1,6 +1,6 @@
-"""The replicas' internal endpoint: run a job forwarded by another replica on one of
+"""The replicas' internal endpoints: run a job forwarded by another replica on one of
 our nodes and stream the node's frames back (``routecat.network.remote`` is the
-other end).
+other end); hand a stock agent's job request to the replica its fetch reached.
 
 Invariants: only a caller with the cluster secret gets anything (without it, or with
 forwarding off, the route answers like an unknown one); the job runs on the node the
@@ -28,9 +28,10 @@ from owlrun.protocol import (
     encode,
 )
 from routecat import errors
-from routecat.api.http import App, on_exchange_end
+from routecat.api.http import App, json_response, on_exchange_end
 from routecat.gateway import Gateway
-from routecat.network.remote import INTERNAL_PATH
+from routecat.network.remote import INTERNAL_PATH, KEY_HASH_HEADER, STOCK_FETCH_PATH
+from routecat.network.stock import fetch_request
 
 NDJSON = "application/x-ndjson"
 
@@ -40,12 +41,27 @@ def _line(frame: object) -> bytes:
 
 
 def register_internal(app: App, gw: Gateway) -> None:
-    @app.post(INTERNAL_PATH.replace("{node_id}", "<node_id>"))
-    async def forwarded_job(node_id: str) -> Response:
+    def authorized() -> None:
+        """Only another replica (it has the cluster secret) sees these routes."""
         secret = gw.config.cluster_secret
         given = request.headers.get("Authorization", "")
         if not secret or not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
-            raise errors.NotFound(f"no route for POST {request.path}")
+            raise errors.NotFound(f"no route for {request.method} {request.path}")
+
+    @app.get(STOCK_FETCH_PATH.replace("{job_id}", "<job_id>"))
+    async def forwarded_stock_fetch(job_id: str) -> Response:
+        """A stock agent's job fetch that reached another replica: the request, once,
+        if this replica holds the job for that agent's key."""
+        authorized()
+        digest = request.headers.get(KEY_HASH_HEADER, "")
+        body = fetch_request(list(gw.registry.nodes.values()), job_id, digest)
+        if body is None:
+            raise errors.NotFound("no such job for this key (or already fetched, or expired)")
+        return json_response(body)
+
+    @app.post(INTERNAL_PATH.replace("{node_id}", "<node_id>"))
+    async def forwarded_job(node_id: str) -> Response:
+        authorized()
         body = await request.get_data(cache=False)
         assert isinstance(body, bytes)
         try:

@@ -23,8 +23,9 @@ from routecat.db import nodes as nodes_db
 from routecat.db.nodes import StockRegistration
 from routecat.gateway import Gateway
 from routecat.network.registry import NODE_ID, models_ok
+from routecat.network.remote import RemoteLink
 from routecat.network.session import Transport
-from routecat.network.stock import Registration, StockLink, serve_stock_session
+from routecat.network.stock import Registration, fetch_request, serve_stock_session
 
 PROVIDER_KEY = re.compile(r"owlr_prov_[0-9a-f]{48}")
 
@@ -110,13 +111,17 @@ def register_stock(app: App, gw: Gateway) -> None:
     async def stock_fetch(job_id: str) -> Response:
         enabled()
         digest = key_hash(_provider_key(request.headers.get("Authorization")))
-        for node in list(gw.registry.nodes.values()):
-            if isinstance(node, StockLink) and job_id in node.pending:
-                body = node.fetch(job_id, digest)
-                if body is not None:
-                    return json_response(body)
-                break
-        raise errors.NotFound("no such job for this key (or already fetched, or expired)")
+        body = fetch_request(list(gw.registry.nodes.values()), job_id, digest)
+        if body is None and gw.config.cluster_secret:
+            # Behind a load balancer: the socket, and so the request, may be on another
+            # replica (the directory says which one holds this key's node).
+            found = await gw.store.read(lambda db: nodes_db.stock_registration(db, digest))
+            remote = gw.registry.remote.get(found.node_id) if found is not None else None
+            if isinstance(remote, RemoteLink):
+                body = await gw.forwarder.fetch_stock_request(remote, job_id, digest)
+        if body is None:
+            raise errors.NotFound("no such job for this key (or already fetched, or expired)")
+        return json_response(body)
 
     @app.websocket("/v1/gateway/ws")
     async def stock_socket() -> None:
@@ -147,4 +152,6 @@ def register_stock(app: App, gw: Gateway) -> None:
             key_hash(key),
             capacity=gw.config.compat_concurrency,
             threshold_sats=registration.threshold_sats,
+            fetch_timeout=gw.config.compat_fetch_timeout,
+            earnings=gw.earnings.stock_ack,
         )

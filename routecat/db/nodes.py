@@ -140,6 +140,17 @@ def put_stock_registration(
     )
 
 
+def stock_version(db: Connection, node_id: str) -> str | None:
+    """The agent version a stock agent last registered this node with; None: a native node
+    (it never registered as a stock agent)."""
+    row = db.execute(
+        "SELECT version FROM stock_registrations WHERE node_id = ?"
+        " ORDER BY updated_at DESC LIMIT 1",
+        (node_id,),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def stock_registration(db: Connection, key_hash: str) -> StockRegistration | None:
     row = db.execute(
         "SELECT node_id, models, version, threshold_sats FROM stock_registrations"

@@ -15,7 +15,7 @@ import trio
 from ledger import book
 from ledger.store import Connection, Storage
 from owlrun.protocol import Earnings as EarningsFrame
-from routecat.clock import Clock
+from routecat.clock import Clock, rfc3339
 from routecat.db import payouts
 from routecat.network.link import NodeLink
 from routecat.network.registry import Registry
@@ -48,6 +48,34 @@ class Earnings:
             }
 
         return await self.store.read(read)
+
+    async def stock_ack(self, node_id: str) -> dict[str, object]:
+        """A stock Go agent's ``heartbeat_ack``: what it earned and its last payouts, in
+        the Go agent's fields and types (integers where it reads integers: a float there
+        makes it drop the socket). ``balance_sats`` stays 0: a positive one makes the
+        agent ask for an ecash withdrawal, which this gateway does not offer; its money
+        goes to its Lightning Address instead."""
+        figures = await self.of(node_id)
+
+        def read(db: Connection) -> list[payouts.PayoutRecord]:
+            return payouts.recent(db, limit=10, node_id=node_id)
+
+        history = [
+            {
+                "amount_sats": p.amount_msat // 1000,
+                "payment_hash": p.payment_hash or "",
+                "timestamp": rfc3339(p.updated_at),
+            }
+            for p in await self.store.read(read)
+            if p.state == "paid"
+        ]
+        return {
+            "type": "heartbeat_ack",
+            "status": "ok",
+            "earned_total_sats": figures["earned_msat"] // 1000,
+            "balance_sats": 0,
+            "withdraw_history": history,
+        }
 
     def mark_dirty(self, node: NodeLink) -> None:
         """Tell this node its earnings soon (it just connected, or its money moved)."""

@@ -48,6 +48,8 @@ from routecat.network.registry import Registry
 log = logging.getLogger("routecat.network.remote")
 
 INTERNAL_PATH = "/internal/v1/nodes/{node_id}/jobs"
+STOCK_FETCH_PATH = "/internal/v1/stock/jobs/{job_id}"  # a stock agent's job fetch
+KEY_HASH_HEADER = "X-RouteCat-Provider-Key-Hash"  # the agent's key, hashed: never the key
 MAX_LINE = 4 * 1024 * 1024
 
 
@@ -225,3 +227,23 @@ class Forwarder:
         link._jobs.pop(job.job_id, None)
         if not scope.cancelled_caught:
             attempt.fail_nowait(reason)
+
+    async def fetch_stock_request(
+        self, link: RemoteLink, job_id: str, key_hash: str
+    ) -> dict[str, Any] | None:
+        """A stock agent's job fetch that reached this replica while its socket (and so
+        the request, kept in memory only) is on ``link``'s replica: asked of that one."""
+        if not self.config.cluster_secret:
+            return None
+        url = link.replica_url.rstrip("/") + STOCK_FETCH_PATH.format(job_id=job_id)
+        headers = {
+            "Authorization": f"Bearer {self.config.cluster_secret}",
+            KEY_HASH_HEADER: key_hash,
+        }
+        try:
+            response = await self.client.get(url, headers=headers, timeout=10)
+            body = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("job %s not fetched from replica %s: %r", job_id, link.replica_id, exc)
+            return None
+        return body if isinstance(body, dict) else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -44,7 +44,6 @@ from routecat.network.link import Attempt, LinkCounters
 
 log = logging.getLogger("routecat.network.stock")
 
-FETCH_TTL = 60.0  # a job's request waits this long for its fetch
 MAX_PENDING_SSE = 1024 * 1024  # an SSE line longer than this fails its job
 
 
@@ -147,6 +146,7 @@ class StockLink(LinkCounters):
     connected_at: float
     last_seen: float
     payout_threshold_sats: int = 0
+    fetch_timeout: float = 10.0  # an accepted job's request waits this long for its fetch
     protocol_version: int = 1  # chat jobs only: never sent embedding jobs
     kind: str = "stock"
     attempts: dict[str, Attempt] = attrs.Factory(dict)
@@ -169,7 +169,8 @@ class StockLink(LinkCounters):
         body["model"] = message.model
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        self.pending[message.job_id] = Pending(self.key_hash, body, self.clock() + FETCH_TTL)
+        expires = self.clock() + self.fetch_timeout
+        self.pending[message.job_id] = Pending(self.key_hash, body, expires)
         self.streams[message.job_id] = Reassembler()
         return self.send_frame({"type": "job", "job_id": message.job_id, "model": message.model})
 
@@ -232,9 +233,16 @@ class StockLink(LinkCounters):
             attempt.deliver_nowait(JobError(job_id, f"malformed relay: {exc}"[:200], False))
 
     def forget_expired(self) -> None:
+        """Requests not fetched in time are dropped, and their jobs fail before the first
+        token (so they fail over): the agent accepted and went quiet, or never answered."""
         now = self.clock()
         for job_id in [j for j, p in self.pending.items() if p.expires <= now]:
             del self.pending[job_id]
+            self.streams.pop(job_id, None)
+            attempt = self.attempts.get(job_id)
+            if attempt is not None:
+                why = f"the agent did not fetch the job's request within {self.fetch_timeout:g}s"
+                attempt.deliver_nowait(JobError(job_id, why, True))
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
@@ -247,6 +255,14 @@ class StockLink(LinkCounters):
             "last_seen_s": round(now - self.last_seen, 1),
             "hardware": {},
         }
+
+
+def fetch_request(nodes: Iterable[object], job_id: str, key_hash: str) -> dict[str, Any] | None:
+    """The request of a job held by one of these links, for that node's key, once."""
+    for node in nodes:
+        if isinstance(node, StockLink) and job_id in node.pending:
+            return node.fetch(job_id, key_hash)
+    return None
 
 
 # -- the session ----------------------------------------------------------------------
@@ -273,7 +289,8 @@ async def serve_stock_session(
     *,
     capacity: int,
     threshold_sats: int,
-    earnings: Callable[[str], Any] | None = None,
+    fetch_timeout: float = 10.0,
+    earnings: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
 ) -> None:
     """One stock agent's websocket, from its first frame to its end: frames out through
     a bounded queue, frames in dispatched without awaiting slow work, pinged, and
@@ -304,6 +321,7 @@ async def serve_stock_session(
         connected_at=now,
         last_seen=now,
         payout_threshold_sats=threshold_sats,
+        fetch_timeout=fetch_timeout,
         clock=trio.current_time,
     )
     old = registry.nodes.get(link.id)
@@ -317,10 +335,29 @@ async def serve_stock_session(
         async for frame in outgoing:
             await transport.send(json.dumps(frame))
 
+    acking: set[str] = set()
+
+    async def ack() -> None:
+        """Answer a heartbeat with the provider's earnings (``balance_sats`` always 0: a
+        positive one makes the agent ask for an ecash withdrawal this gateway does not
+        offer)."""
+        try:
+            frame = await earnings(link.id) if earnings is not None else None
+        except Exception as exc:  # the store briefly failing: a bare ack this time
+            log.warning("earnings of stock node %s not read: %r", link.id, exc)
+            frame = None
+        finally:
+            acking.clear()
+        send_frame(frame or {"type": "heartbeat_ack", "status": "ok", "balance_sats": 0})
+
     async def pings() -> None:
         while True:
             await trio.sleep(PING_INTERVAL)
             send_frame({"type": "ping"})
+
+    async def fetch_deadlines() -> None:
+        while True:
+            await trio.sleep(min(1.0, fetch_timeout / 4))
             link.forget_expired()
 
     try:
@@ -328,6 +365,7 @@ async def serve_stock_session(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender)
                 nursery.start_soon(pings)
+                nursery.start_soon(fetch_deadlines)
                 while True:
                     with trio.move_on_after(SILENCE) as timer:
                         raw = await transport.receive()
@@ -345,10 +383,9 @@ async def serve_stock_session(
                         break
                     kind = data.get("type")
                     if kind == "heartbeat":
-                        earned = earnings(link.id) if earnings is not None else None
-                        # balance_sats stays 0: a non-zero one makes the agent ask for an
-                        # ecash withdrawal this gateway does not offer.
-                        send_frame({"type": "heartbeat_ack", "balance_sats": 0, **(earned or {})})
+                        if not acking:  # one read at a time, however fast it beats
+                            acking.add(link.id)
+                            nursery.start_soon(ack)
                     elif kind in ("accept", "reject", "proxy_chunk", "proxy_done"):
                         link.frame(data)
                     elif kind == "pong":

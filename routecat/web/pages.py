@@ -50,9 +50,12 @@ def node_summary(db: Any, node_id: str, now: float) -> dict[str, Any] | None:
     # The totals over every payout (the list below shows only the latest 50).
     sums = payouts_db.totals(db, node_id)
     paid, pending = sums.paid_msat, sums.pending_msat
+    stock = nodes_db.stock_version(db, node_id)
     return {
         "id": node.id,
         "name": node.name,
+        "kind": "native" if stock is None else "stock",
+        "agent_version": stock or "",
         "since": node.created_at[:10],
         "last_seen": node.last_seen_at[:19].replace("T", " "),
         "jobs": totals.jobs,
@@ -163,6 +166,10 @@ def create_web(gw: Gateway) -> Blueprint:
         if node_id:
             now = gw.clock.wall()
             summary = await gw.store.read(lambda db: node_summary(db, node_id, now))
+            live = gw.registry.nodes.get(node_id)
+            if summary is not None and live is not None:  # what it runs now
+                described = live.describe(gw.clock.monotonic())
+                summary.update(kind=described["kind"], agent_version=described["agent_version"])
         return await page(
             "providers.html",
             node_id=node_id,

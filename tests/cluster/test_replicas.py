@@ -701,21 +701,42 @@ async def test_embeddings_and_responses_through_forwarding(
 async def test_a_stock_agent_registered_at_one_replica_serves_through_another(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
+    """Behind a load balancer a stock agent registers at one replica, holds its socket
+    at another and fetches its jobs from either: each fetch reaches the request (kept in
+    the memory of the replica with the socket) once, for that agent's key only."""
     from tests.stock_agent import StockAgent
 
     with trio.fail_after(60):
         a, b = await start_replicas(nursery, tmp_path, 2, owlrun_compat="true")
         engine = await start_engine(nursery, Knobs())
-        agent = StockAgent(b.url, engine.url, [MODEL], register_at=a.url)
+        agent = StockAgent(b.url, engine.url, [MODEL], register_at=a.url, fetch_at=a.url)
         await nursery.start(agent.run)
         await wait_for(lambda: agent.node_id in b.gw.registry.nodes, timeout=10)
-        async with b.client() as c:
-            key = await register(c)
-            r = await c.post(
-                "/v1/chat/completions",
-                json=chat("hello there"),
-                headers={"Authorization": f"Bearer {key}"},
+        await wait_for(lambda: agent.node_id in a.gw.registry.remote, timeout=10)
+        for replica in (b, a):  # a client at the socket's replica, then at the other
+            async with replica.client() as c:
+                key = await register(c)
+                r = await c.post(
+                    "/v1/chat/completions",
+                    json=chat("hello there"),
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "You said: hello there"
+        assert len(agent.fetched) == 2 and a.gw.forwarder.forwarded == 1
+        # The fetch is served once: again, through either replica, it is gone.
+        job_id = agent.jobs[-1]
+        async with httpx.AsyncClient() as c:
+            for replica in (a, b):
+                again = await c.get(
+                    f"{replica.url}/v1/gateway/jobs/{job_id}/proxy/request",
+                    headers={"Authorization": f"Bearer {agent.key}"},
+                )
+                assert again.status_code == 404
+            # The internal route is another replica's only: without the secret, unknown.
+            forged = await c.get(
+                f"{b.url}/internal/v1/stock/jobs/{job_id}",
+                headers={"X-RouteCat-Provider-Key-Hash": "0" * 64},
             )
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] == "You said: hello there"
+            assert forged.status_code == 404
         await ledger_ok(a)

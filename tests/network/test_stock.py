@@ -4,18 +4,29 @@ held to RouteCat's security."""
 
 from __future__ import annotations
 
-import gc
 import json
+import logging
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import trio
+import trio_websocket
 
-from tests.clients import MODEL, chat, wait_for
+from ledger.money import split
+from owlrun.agent import open_gateway_socket
+from tests.clients import MODEL, chat, read_sse, text_of, wait_for
 from tests.fakes import Knobs, start_engine
-from tests.servers import assert_error, catalog, ledger_ok, start_network, start_node
+from tests.servers import (
+    assert_error,
+    balance,
+    catalog,
+    earn,
+    ledger_ok,
+    start_network,
+    start_node,
+)
 from tests.stock_agent import StockAgent, provider_key
 
 
@@ -139,9 +150,6 @@ async def test_compat_is_off_by_default(nursery: trio.Nursery, tmp_path: Path) -
             assert_error(await agent.register(c), 404, "not_found")
 
 
-# The gateway closes the emulator's websocket under it (that is the point of the test);
-# trio-websocket then drops the client's TCP socket to the garbage collector unclosed.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_client_leaving_closes_the_agents_only_job_and_is_billed_delivered(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -174,4 +182,179 @@ async def test_a_client_leaving_closes_the_agents_only_job_and_is_billed_deliver
             usage = (await c.get("/v1/auth/usage")).json()["data"][0]
         assert 0 < usage["tokens_out"] < 2000  # the delivered part, not the whole answer
         await ledger_ok(net)
-        gc.collect()  # the dropped socket (see the mark) is collected here, not in a later test
+
+
+async def test_a_fetch_that_never_comes_fails_over_to_a_native_node(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """An agent that accepts and never fetches: its jobs fail over at the fetch deadline,
+    long before the first-token timeout (two minutes by default), and the client sees
+    only the native node's answer."""
+    with trio.fail_after(40):
+        net = await compat_network(
+            nursery, tmp_path, free_daily_requests="0", compat_fetch_timeout="0.5"
+        )
+        engine = await start_engine(nursery, Knobs())
+        mute = StockAgent(net.url, engine.url, [MODEL], fetch=False)
+        await nursery.start(mute.run)
+        await wait_for(lambda: mute.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        await start_node(nursery, net.url, engine, max_jobs=1)
+        async with net.client() as c:
+            for i in range(3):
+                r = await c.post("/v1/chat/completions", json=chat(f"go {i}"))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == f"You said: go {i}"
+        assert mute.jobs and not mute.fetched  # it was offered jobs and fetched none
+        # Its socket stays up (the job failed over; nothing had to be cancelled).
+        assert mute.registered == 1 and mute.node_id in net.gateway.gw.registry.nodes
+        await ledger_ok(net)
+
+
+async def test_an_engine_failing_before_the_first_token_fails_over(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The Go agent sends nothing at all when its engine fails: the first-token timeout
+    sees it, and the job moves on to a native node."""
+    with trio.fail_after(40):
+        net = await compat_network(
+            nursery, tmp_path, free_daily_requests="0", first_token_timeout="1"
+        )
+        broken = await start_engine(nursery, Knobs(fail_status=500))
+        silent = StockAgent(net.url, broken.url, [MODEL])
+        await nursery.start(silent.run)
+        await wait_for(lambda: silent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        healthy = await start_engine(nursery, Knobs())
+        await start_node(nursery, net.url, healthy, max_jobs=1)
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("anyone there"))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "You said: anyone there"
+        assert silent.fetched and broken.requests  # it had the job first, and went silent
+        await ledger_ok(net)
+
+
+async def test_an_engine_failing_mid_stream_ends_it_with_the_usual_error_event(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Mid-stream, the silence ends at the inter-token timeout with the documented error
+    event, and the client pays for what it received, no more."""
+    with trio.fail_after(40):
+        net = await compat_network(
+            nursery, tmp_path, free_daily_requests="0", inter_token_timeout="1"
+        )
+        crashing = await start_engine(nursery, Knobs(crash_after=3, repeat=20))
+        agent = StockAgent(net.url, crashing.url, [MODEL], piece=64)
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        before = await balance(net)
+        async with (
+            net.client() as c,
+            c.stream("POST", "/v1/chat/completions", json=chat("go on", stream=True)) as s,
+        ):
+            events, done, _ = await read_sse(s)
+        assert not done
+        assert events[-1]["error"]["code"] == "upstream_error", events[-1]
+        delivered = text_of(events[:-1])
+        assert delivered and ("You said: go on " * 20).startswith(delivered)
+        spent = before["balance_msat"] - (await balance(net))["balance_msat"]
+        async with net.client() as c:
+            usage = (await c.get("/v1/auth/usage")).json()["data"][0]
+        assert 0 < usage["tokens_out"] <= len(delivered.encode()) + 1 and spent > 0
+        await ledger_ok(net)
+
+
+async def test_a_stock_node_is_paid_to_its_address_and_told_its_earnings(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Paid jobs through a stock agent earn its provider 95%, paid to the Lightning
+    Address it registered with its threshold clamped to the operator's bounds, and its
+    heartbeats are answered with what it earned and was paid, in the Go agent's types."""
+    with trio.fail_after(60):
+        agent = StockAgent(
+            "", "", [MODEL], lightning_address="alice@provider.example",
+            threshold_sats=5, heartbeat=0.2,
+        )  # fmt: skip
+        net, lnurl = await earn(nursery, tmp_path, stock=agent)
+        gw = net.gateway.gw
+        assert gw.registry.nodes[agent.node_id].payout_threshold_sats == 100  # 5, clamped
+        await wait_for(lambda: gw.payouts.paid == 1, timeout=15)
+        (_invoice, amount_msat), *_ = lnurl.invoices
+        figures = await gw.earnings.of(agent.node_id)
+        assert figures["paid_msat"] == amount_msat >= 100_000
+        # 95% of what the customer was charged for the agent's jobs, all of it paid out.
+        async with net.client() as c:
+            jobs = (await c.get("/v1/auth/usage")).json()["data"]
+        assert len(jobs) == 12
+        assert figures["earned_msat"] == sum(split(j["cost_msat"])[0] for j in jobs)
+        await wait_for(lambda: bool(agent.acks and agent.acks[-1]["withdraw_history"]), timeout=5)
+        ack = agent.acks[-1]
+        assert ack["status"] == "ok" and ack["balance_sats"] == 0
+        assert ack["earned_total_sats"] == figures["earned_msat"] // 1000
+        assert ack["withdraw_history"][0]["amount_sats"] == amount_msat // 1000
+        assert all(isinstance(v, int) for k, v in ack.items() if k.endswith("_sats"))
+        # The providers page says what the node runs, and what it was paid.
+        async with net.client() as c:
+            page = (await c.get("/providers", params={"node": agent.node_id})).text
+        assert "Agent: stock Owlrun (Go), version owlrun-go/1.4.2." in page
+        assert f'<dd id="node-paid">{amount_msat // 1000} sats</dd>' in page
+        await ledger_ok(net)
+
+
+async def closed_with(url: str) -> int | None:
+    """The close code of a websocket the gateway closes at once."""
+    codes = []
+    try:
+        async with open_gateway_socket(url, [], max_message_size=1 << 20) as ws:
+            await ws.get_message()
+    except* trio_websocket.ConnectionClosed as group:
+        codes = [
+            e.reason.code
+            for e in group.exceptions
+            if isinstance(e, trio_websocket.ConnectionClosed)
+        ]
+    return codes[0] if codes else None
+
+
+async def test_the_provider_key_never_reaches_a_log_or_an_answer(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key travels in the websocket URL's query and the registration body: it is in
+    no log record (at any level), no metric and no error message."""
+    caplog.set_level(logging.DEBUG)
+    with trio.fail_after(40):
+        net = await compat_network(nursery, tmp_path)
+        engine = await start_engine(nursery, Knobs())
+        agent = StockAgent(net.url, engine.url, [MODEL])
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        answers = []
+        async with net.client() as c:
+            answers.append(await c.post("/v1/chat/completions", json=chat("hello there")))
+            # A socket for a key never registered, a registration with a bad body, a fetch
+            # of an unknown job, and the operator's metrics.
+            stray = provider_key()
+            url = net.url.replace("http", "ws", 1) + f"/v1/gateway/ws?api_key={stray}"
+            assert await closed_with(url) == 1008
+            answers.append(
+                await c.post(
+                    "/v1/gateway/register",
+                    json={"node_id": 5, "api_key": agent.key},
+                    headers={"Authorization": f"Bearer {agent.key}"},
+                )
+            )
+            answers.append(
+                await c.get(
+                    "/v1/gateway/jobs/nope/proxy/request",
+                    headers={"Authorization": f"Bearer {agent.key}"},
+                )
+            )
+            answers.append(await c.get("/metrics"))
+        assert [a.status_code for a in answers[:3]] == [200, 400, 404]
+        # Every record but the emulator's own client libraries' (they log the URL they dial).
+        clients = ("trio-websocket", "httpx", "httpcore")
+        logged = [r.getMessage() for r in caplog.records if not r.name.startswith(clients)]
+        text = "\n".join(logged + [a.text for a in answers])
+        assert any(agent.node_id in m for m in logged)  # the session was logged, by node id
+        for key in (agent.key, stray):
+            for line in text.splitlines():
+                assert key[10:] not in line, line

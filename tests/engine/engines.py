@@ -4,7 +4,6 @@ and a small real model."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import attrs
 import httpx
+
+from routecat.demo import free_port, llama_server_command
 
 TINY = "tiny:test"
 
@@ -30,24 +31,6 @@ class Engine:
     process: subprocess.Popen[bytes]
 
 
-def llama_server_command(
-    python: str, model: str, alias: str, port: int, *, embedding: bool = False
-) -> list[str]:
-    """llama-cpp-python's OpenAI server as the docs tell providers to run it: one
-    thread, and never cutting a running stream off for a new request."""
-    return [
-        python, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-        "--interrupt_requests", "False", *(["--embedding", "True"] if embedding else []),
-    ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def python_executable() -> str:
     python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON", "")
     assert python and Path(python).exists(), (
@@ -60,7 +43,7 @@ def python_executable() -> str:
 def start_engine_server(
     model_path: Path, alias: str, workdir: Path, *, embedding: bool = False
 ) -> Iterator[Engine]:
-    port = _free_port()
+    port = free_port()
     log = open(workdir / f"{alias.replace(':', '_')}.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         llama_server_command(

@@ -38,7 +38,7 @@ HELP = {
     "host": "interface to bind (default 127.0.0.1; 0.0.0.0 for every interface)",
     "port": "TCP port (default 8080; 0 picks a free one and logs it)",
     "database": "a SQLite file (default ./routecat.db), or postgresql://user@host/db for replicas",
-    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "log_level": "how much to log: DEBUG, INFO, WARNING or ERROR (default INFO)",
     "log_format": "text for people or json for one object per line (default text)",
     "max_body_bytes": "largest request body accepted; larger get 413 (default 8 MiB)",
     "trusted_proxies": "comma-separated proxy addresses or networks allowed to set"
@@ -252,7 +252,7 @@ COMMAND_TREE: list[tuple[str, str, list[tuple[str, str, list[Positional], Sequen
             (
                 "pay",
                 "pay an invoice this gateway issued (dev wallet)",
-                [("invoice", "the BOLT11 invoice")],
+                [("invoice", "the BOLT11 invoice to pay")],
                 ADMIN,
             )
         ],

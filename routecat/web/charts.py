@@ -3,6 +3,7 @@ so nothing a node or user sent can reach the markup."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -12,27 +13,68 @@ from ledger.store import Connection
 from routecat.db import jobs as jobs_db
 
 
+def nice_ticks(top: float, count: int = 4) -> list[float]:
+    """About ``count`` round steps (1, 2, 2.5 or 5 times a power of ten) from 0 to at
+    least ``top``: the y axis's values and gridlines."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def compact(value: float) -> str:
+    """1234 -> "1.2k", 3500000 -> "3.5M": tick labels that fit beside the axis."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:g}"
+
+
 def bar_chart(values: Sequence[float], labels: Sequence[str], title: str) -> Markup:
-    """A small server-side SVG bar chart; only numbers and our own labels go in."""
-    width, height, pad = 640, 180, 24
-    top = max(values) if values and max(values) > 0 else 1
-    step = (width - 2 * pad) / max(1, len(values))
-    bars = []
-    for i, value in enumerate(values):
-        h = (height - 2 * pad) * value / top
-        x = pad + i * step
-        bars.append(
-            f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{max(1.0, step - 2):.1f}"'
-            f' height="{h:.1f}"><title>{Markup.escape(labels[i])}: {value:g}</title></rect>'
+    """A server-side SVG bar chart with a y axis (round values, gridlines) and time labels
+    under the bars (every few bars, so they stay readable). Only numbers and our own
+    labels go in."""
+    width, height = 640, 220
+    left, right, top_pad, bottom = 52, 12, 28, 30
+    plot_w, plot_h = width - left - right, height - top_pad - bottom
+    ticks = nice_ticks(max(values, default=0))
+    ceiling = ticks[-1]
+    base = top_pad + plot_h
+    parts = [f'<text class="title" x="{left}" y="16">{Markup.escape(title)}</text>']
+    for tick in ticks:
+        y = base - plot_h * tick / ceiling
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"'
+            ' stroke="currentColor" stroke-opacity="0.15"/>'
+            f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{compact(tick)}</text>"
         )
-    first = Markup.escape(labels[0]) if labels else ""
-    last = Markup.escape(labels[-1]) if labels else ""
+    step = plot_w / max(1, len(values))
+    every = max(1, math.ceil(len(values) / 8))  # at most 8 time labels
+    for i, value in enumerate(values):
+        h = plot_h * value / ceiling
+        x = left + i * step
+        label = Markup.escape(labels[i])
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{base - h:.1f}" width="{max(1.0, step - 2):.1f}"'
+            f' height="{h:.1f}"><title>{label}: {value:,g}</title></rect>'
+        )
+        if i % every == 0:
+            parts.append(
+                f'<text class="when" x="{x + step / 2:.1f}" y="{height - 10}"'
+                f' text-anchor="middle">{label}</text>'
+            )
+    parts.append(
+        f'<line class="axis" x1="{left}" x2="{width - right}" y1="{base}" y2="{base}"'
+        ' stroke="currentColor" stroke-opacity="0.5"/>'
+        f'<line class="axis" x1="{left}" x2="{left}" y1="{top_pad}" y2="{base}"'
+        ' stroke="currentColor" stroke-opacity="0.5"/>'
+    )
     return Markup(
-        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{Markup.escape(title)}">'
-        f'<text x="{pad}" y="14">{Markup.escape(title)} (max {top:g})</text>'
-        + "".join(bars)
-        + f'<text x="{pad}" y="{height - 6}">{first}</text>'
-        f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{last}</text></svg>'
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img"'
+        f' aria-label="{Markup.escape(title)}">' + "".join(parts) + "</svg>"
     )
 
 

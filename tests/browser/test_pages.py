@@ -172,6 +172,10 @@ async def test_provider_lookup_network_and_audit(nursery: trio.Nursery, tmp_path
             assert page.locator("#jobs-24h").inner_text() == "30"
             assert page.locator("svg.chart").count() == 4
             assert page.locator("svg.chart rect").count() == 2 * 24 + 2 * 7
+            # Axes with values and gridlines; time labels every third hour, every day.
+            assert page.locator("svg.chart text.tick").count() >= 4 * 2
+            assert page.locator("svg.chart line.grid").count() >= 4 * 2
+            assert page.locator("svg.chart text.when").count() == 2 * 8 + 2 * 7
             page.screenshot(path=str(ARTIFACTS / "network.png"), full_page=True)
 
         await run_in_browser(script)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import trio
 
 from routecat.api.admin import socket_path
+from routecat.cli import build_parser
 from tests.clients import chat, wait_for
 from tests.fakes import Knobs
 from tests.servers import start_network
@@ -119,3 +123,36 @@ async def test_owlrun_sigterm_finishes_in_flight_job(nursery: trio.Nursery, tmp_
         log = (await proc.stderr.receive_some(1 << 20)).decode()
         assert "job chatcmpl-" in log
         assert saved["secret"] not in log
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command and subcommand of ``routecat``, with its parser."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_option_is_described_in_words_and_commands_list_only_theirs() -> None:
+    commands = dict(_commands(build_parser()))
+    assert ("demo",) in commands and ("keys", "credit") in commands
+    for path, parser in commands.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue  # its choices are checked as commands
+            words = re.findall(r"[a-z]{2,}", action.help or "")
+            assert len(words) >= 2 and "default" not in words[:1], (path, action.dest, action.help)
+        assert parser.format_help()  # renders
+    serve = commands[("serve",)].format_help()
+    assert "--first-token-timeout" in serve and "--owlrun-compat" in serve
+    for path in [("keys", "credit"), ("ledger", "check"), ("payouts", "list"), ("demo",)]:
+        shown = commands[path].format_help()
+        assert "--first-token-timeout" not in shown and "--lnbits-url" not in shown, path
+    assert "--database" in commands[("keys", "credit")].format_help()
+    assert "--admin-socket" in commands[("wallet", "pay")].format_help()
+    # And the process answers --help for each, with exit status 0.
+    out = run_cli("keys", "credit", "--help")
+    assert out.returncode == 0 and "credit a key from operator equity" in out.stdout

@@ -226,3 +226,32 @@ class StockAgent:
 async def stock_agent(nursery: trio.Nursery, agent: StockAgent) -> AsyncIterator[StockAgent]:
     await nursery.start(agent.run)
     yield agent
+
+
+def main() -> None:
+    """The emulator in its own process, as a provider runs the Go agent:
+    ``python -m tests.stock_agent GATEWAY ENGINE MODEL [...] --piece N``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="stock_agent")
+    parser.add_argument("gateway")
+    parser.add_argument("engine_url")
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--node-id", default=str(uuid.uuid4()))
+    parser.add_argument("--piece", type=int, default=4096)
+    parser.add_argument("--lightning-address", default="")
+    args = parser.parse_args()
+    agent = StockAgent(
+        args.gateway,
+        args.engine_url,
+        args.models,
+        node_id=args.node_id,
+        piece=args.piece,
+        lightning_address=args.lightning_address,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(agent.run)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -40,9 +42,13 @@ async def test_sdk_through_a_stock_agent(nursery: trio.Nursery, tmp_path: Path) 
     with trio.fail_after(30):
         net = await compat_network(nursery, tmp_path)
         engine = await start_engine(nursery, Knobs())
-        agent = StockAgent(net.url, engine.url, [MODEL], piece=7)  # pieces that cut lines
-        await nursery.start(agent.run)
-        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        # The emulator in its own process, relaying in 7-byte pieces that cut lines.
+        node_id = str(uuid.uuid4())
+        command = [sys.executable, "-m", "tests.stock_agent", net.url, engine.url, MODEL]
+        process = await trio.lowlevel.open_process([*command, "--node-id", node_id, "--piece", "7"])
+        nursery.start_soon(stop_process, process)
+        await wait_for(lambda: node_id in net.gateway.gw.registry.nodes, timeout=20)
+        assert net.gateway.gw.registry.nodes[node_id].describe(0)["kind"] == "stock"
         client = openai.AsyncOpenAI(base_url=net.url + "/v1", api_key=net.key, max_retries=0)
         models = await client.models.list()
         assert [m.id for m in models.data] == [MODEL]
@@ -60,10 +66,10 @@ async def test_sdk_through_a_stock_agent(nursery: trio.Nursery, tmp_path: Path) 
         chunks = [c async for c in stream]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == "You said: stream me please"
-        # The request it fetched: the OpenAI body, streamed, usage included, max_tokens set.
-        assert agent.fetched[-1]["stream"] is True
-        assert agent.fetched[-1]["stream_options"] == {"include_usage": True}
-        assert agent.fetched[-1]["max_tokens"] == 1024  # a free request: the free cap
+        # The request it fetched (the engine saw it): streamed, usage included, max_tokens.
+        assert engine.requests[-1]["stream"] is True
+        assert engine.requests[-1]["stream_options"] == {"include_usage": True}
+        assert engine.requests[-1]["max_tokens"] == 1024  # a free request: the free cap
         engine.knobs.reply = []
         engine.knobs.tool_call = {"name": "get_weather", "arguments": {"city": "Paris"}}
         t = await client.chat.completions.create(
@@ -76,6 +82,17 @@ async def test_sdk_through_a_stock_agent(nursery: trio.Nursery, tmp_path: Path) 
         assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
         await client.close()
         await ledger_ok(net)
+
+
+async def stop_process(process: trio.Process) -> None:
+    """The emulator's process lives as long as the test, and no longer."""
+    try:
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 async def test_a_node_id_is_bound_to_its_key(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -358,3 +375,30 @@ async def test_the_provider_key_never_reaches_a_log_or_an_answer(
         for key in (agent.key, stray):
             for line in text.splitlines():
                 assert key[10:] not in line, line
+
+
+async def test_native_and_stock_nodes_share_a_model(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """One model, one native node and one stock agent, one job at a time each: a burst
+    of requests is spread over both and every answer is exact."""
+    with trio.fail_after(40):
+        net = await compat_network(nursery, tmp_path, free_daily_requests="0")
+        engine = await start_engine(nursery, Knobs(delay=0.05))
+        agent = StockAgent(net.url, engine.url, [MODEL])
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        native = await start_node(nursery, net.url, engine, max_jobs=1)
+        answers: dict[int, str] = {}
+
+        async def ask(i: int) -> None:
+            async with net.client() as c:
+                r = await c.post("/v1/chat/completions", json=chat(f"burst {i}"))
+            assert r.status_code == 200, r.text
+            answers[i] = r.json()["choices"][0]["message"]["content"]
+
+        async with trio.open_nursery() as burst:
+            for i in range(6):
+                burst.start_soon(ask, i)
+        assert answers == {i: f"You said: burst {i}" for i in range(6)}
+        assert agent.fetched and native.agent.totals.jobs > 0  # both served
+        assert len(agent.fetched) + native.agent.totals.jobs == 6
+        await ledger_ok(net)

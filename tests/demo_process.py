@@ -52,6 +52,20 @@ class RunningDemo:
             return await self.process.wait()
 
 
+async def stop_process(process: trio.Process) -> None:
+    """A child that lives as long as the test and no longer (killed when the test ends
+    first), its output pipe closed."""
+    try:
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -98,20 +112,8 @@ async def start_demo(
                     demo.ready.set()
         demo.ended.set()
 
-    async def reap() -> None:
-        """However the test ends, no demo is left running and its pipe is closed."""
-        try:
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-                if process.stdout is not None:
-                    await process.stdout.aclose()
-
     nursery.start_soon(read)
-    nursery.start_soon(reap)
+    nursery.start_soon(stop_process, process)
     with trio.move_on_after(ready_within):
         async with trio.open_nursery() as waiting:
 

@@ -19,6 +19,7 @@ import trio_websocket
 from ledger.money import split
 from owlrun.agent import open_gateway_socket
 from tests.clients import MODEL, chat, read_sse, text_of, wait_for
+from tests.demo_process import stop_process
 from tests.fakes import Knobs, start_engine
 from tests.servers import (
     assert_error,
@@ -82,17 +83,6 @@ async def test_sdk_through_a_stock_agent(nursery: trio.Nursery, tmp_path: Path) 
         assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
         await client.close()
         await ledger_ok(net)
-
-
-async def stop_process(process: trio.Process) -> None:
-    """The emulator's process lives as long as the test, and no longer."""
-    try:
-        await process.wait()
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def test_a_node_id_is_bound_to_its_key(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -160,6 +160,7 @@ def engine(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Measurements (never in CI's default set): see docs/performance.md.
+    ``nox -s bench -- --peer litellm``: beside LiteLLM 1.108.7 in the same run;
     ``nox -s bench -- --replicas 2``: replicas on PostgreSQL beside one on SQLite."""
     session.install("-e", ".[test,postgres]")
     if "--replicas" in session.posargs:
@@ -167,11 +168,21 @@ def bench(session: nox.Session) -> None:
         count = session.posargs[at + 1] if len(session.posargs) > at + 1 else "2"
         session.run("python", "-m", "tests.bench_replicas", count, *session.posargs[at + 2 :])
         return
-    python, _ = engine_environment(session)
-    session.run(
-        "python",
-        "-m",
-        "tests.bench",
-        *session.posargs,
-        env={"ROUTECAT_TEST_ENGINE_PYTHON": str(python)},
-    )
+    env = {}
+    if "--peer" in session.posargs:
+        # LiteLLM in its own virtualenv: the last version whose proxy extra installs from
+        # the package index here.
+        venv = Path(session.virtualenv.location).parent / "litellm-peer"
+        ready = venv / ".ready-1.108.7"
+        if not ready.exists():
+            session.run("python3", "-m", "venv", "--clear", str(venv), external=True)
+            session.run(
+                str(venv / "bin" / "pip"), "install", "--quiet", "litellm[proxy]==1.108.7",
+                external=True,
+            )  # fmt: skip
+            ready.touch()
+        env["ROUTECAT_BENCH_LITELLM"] = str(venv / "bin" / "litellm")
+    else:
+        python, _ = engine_environment(session)
+        env["ROUTECAT_TEST_ENGINE_PYTHON"] = str(python)
+    session.run("python", "-m", "tests.bench", *session.posargs, env=env)

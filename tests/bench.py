@@ -59,17 +59,33 @@ def chat(model: str, stream: bool = False) -> dict[str, Any]:
 
 
 async def timed_requests(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], n: int, concurrency: int
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    n: int,
+    concurrency: int,
+    failures: list[str] | None = None,
 ) -> tuple[list[float], float]:
+    """Latencies of ``n`` requests from ``concurrency`` workers, and the wall time. A
+    failed request is recorded in ``failures`` when given (else it stops the run)."""
     latencies: list[float] = []
     counter = iter(range(n))
 
     async def worker() -> None:
         for _ in counter:
             t = time.perf_counter()
-            r = await client.post(url, json=body)
+            try:
+                r = await client.post(url, json=body)
+            except httpx.HTTPError as exc:
+                if failures is None:
+                    raise
+                failures.append(repr(exc)[:200])
+                continue
             latencies.append(time.perf_counter() - t)
-            assert r.status_code == 200, r.text
+            if r.status_code != 200:
+                if failures is None:
+                    raise AssertionError(r.text)
+                failures.append(f"{r.status_code} {r.text[:200]}")
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -79,18 +95,38 @@ async def timed_requests(
 
 
 async def timed_streams(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], n: int
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    n: int,
+    failures: list[str] | None = None,
+    concurrency: int = 1,
 ) -> tuple[list[float], list[float]]:
+    """Time to first chunk and whole-stream time of ``n`` streams read to their end."""
     ttfts, totals = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        first = None
-        async with client.stream("POST", url, json=body) as r:
-            async for line in r.aiter_lines():
-                if first is None and line.startswith("data: {"):
-                    first = time.perf_counter() - t
-        totals.append(time.perf_counter() - t)
-        ttfts.append(first or 0.0)
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for _ in counter:
+            t = time.perf_counter()
+            first = None
+            chunks = 0
+            async with client.stream("POST", url, json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter() - t
+            totals.append(time.perf_counter() - t)
+            ttfts.append(first or 0.0)
+            if r.status_code != 200 or chunks < 2:
+                if failures is None:
+                    raise AssertionError(f"stream failed: {r.status_code}, {chunks} chunks")
+                failures.append(f"stream {r.status_code}, {chunks} chunks")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
     return ttfts, totals
 
 
@@ -199,7 +235,7 @@ async def bench_real_engine(
 ) -> None:
     """Tokens per second of a real llama.cpp engine (the generated tiny model), direct vs
     through gateway + owlrun, streamed."""
-    from tests.engine.engines import llama_server_command
+    from routecat.demo import llama_server_command
 
     python = os.environ.get("ROUTECAT_TEST_ENGINE_PYTHON")
     if not python:
@@ -274,10 +310,22 @@ async def bench_real_engine(
                 proc.kill()
 
 
+def option(name: str, default: str = "") -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv[:-1] else default
+
+
 async def main() -> None:
+    from tests.bench_peer import cores, figures, pin, ratio_rows, start_litellm, tree_cpu, tree_rss
+
     quick = "--quick" in sys.argv
+    peer = option("--peer")
+    if peer not in ("", "litellm"):
+        raise SystemExit(f"--peer: only litellm is known, not {peer!r}")
     n = 300 if quick else 2000
     rows: list[tuple[str, str]] = []
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count()}
+    gateway_cores, other_cores = cores()
+    os.sched_setaffinity(0, other_cores)  # this client, and the node started below
     tmp = tempfile.mkdtemp(prefix="routecat-bench-")
     env = {
         **os.environ,
@@ -292,6 +340,7 @@ async def main() -> None:
     gateway = await trio.lowlevel.open_process(
         [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log_file
     )
+    pin(gateway.pid, gateway_cores)  # a one-core figure
     node = None
     try:
         with trio.fail_after(30):
@@ -327,6 +376,43 @@ async def main() -> None:
                 capture_stdout=True,
             )
             direct = httpx.AsyncClient(base_url=engine_url, timeout=120, limits=limits)
+            if peer:
+                ours = await figures(c, lambda: tree_cpu(gateway.pid), n)
+                ours["rss_mib"] = tree_rss(gateway.pid)
+                engine_only = await figures(direct, None, n)
+                litellm = os.environ.get("ROUTECAT_BENCH_LITELLM", "")
+                if not litellm:
+                    raise SystemExit(
+                        "ROUTECAT_BENCH_LITELLM is unset: run nox -s bench -- --peer litellm"
+                    )
+                lite, lite_url = await start_litellm(litellm, engine_url, tmp, gateway_cores)
+                try:
+                    async with httpx.AsyncClient(
+                        base_url=lite_url,
+                        timeout=120,
+                        limits=limits,
+                        headers={"Authorization": "Bearer sk-bench-master-key"},
+                    ) as lc:
+                        theirs = await figures(lc, lambda: tree_cpu(lite.pid), n)
+                        theirs["rss_mib"] = tree_rss(lite.pid)
+                finally:
+                    lite.terminate()
+                    with trio.move_on_after(10):
+                        await lite.wait()
+                    if lite.returncode is None:
+                        lite.kill()
+                await direct.aclose()
+                pinned = (
+                    "gateway pinned to one core" if gateway_cores != other_cores else "one core"
+                )
+                print(
+                    f"\nRouteCat vs LiteLLM ({'quick' if quick else 'full'}, {os.cpu_count()} cores,"
+                    f" {pinned}, {time.strftime('%Y-%m-%d %H:%M')})\n"
+                )
+                print(ratio_rows(ours, theirs, engine_only))
+                results.update(routecat=ours, litellm=theirs, direct=engine_only)
+                write_json(results, "litellm")
+                return
             # Warm up both paths.
             await timed_requests(c, "/v1/chat/completions", chat("fast:1b"), 50, 4)
             await timed_requests(direct, "/v1/chat/completions", chat("fast:1b"), 50, 4)
@@ -472,7 +558,15 @@ async def main() -> None:
     print("| measure | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    print(json.dumps(dict(rows)), file=sys.stderr)
+    results["rows"] = dict(rows)
+    write_json(results, "quick" if quick else "full")
+
+
+def write_json(results: dict[str, Any], kind: str) -> None:
+    """The run's figures as JSON: ``--json PATH``, else ``bench-KIND.json`` here."""
+    path = Path(option("--json", f"bench-{kind}.json"))
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nJSON: {path.resolve()}")
 
 
 if __name__ == "__main__":

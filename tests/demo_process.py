@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from routecat.demo import READY
+from tests.procs import stop_process, tree
 
 
 @attrs.define(eq=False)
@@ -31,48 +32,13 @@ class RunningDemo:
 
     def descendants(self) -> set[int]:
         """Every process below the demo, from /proc (its engine, and anything it ran)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        found, frontier = set(), {self.process.pid}
-        while frontier:
-            frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-            found |= frontier
-        return found
+        return tree(self.process.pid) - {self.process.pid}
 
     async def interrupt(self, within: float = 10) -> int:
         """SIGINT, as Ctrl-C sends it; the exit status, which must come ``within``."""
         self.process.send_signal(signal.SIGINT)
         with trio.fail_after(within):
             return await self.process.wait()
-
-
-async def stop_process(process: trio.Process) -> None:
-    """A child that lives as long as the test and no longer (killed when the test ends
-    first), its output pipe closed."""
-    try:
-        await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def start_demo(

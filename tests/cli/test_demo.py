@@ -17,8 +17,9 @@ import trio
 
 from routecat.demo import DEMO_SATS, Progress, run_step
 from routecat.errors import DemoError
-from tests.demo_process import alive, start_demo
+from tests.demo_process import start_demo
 from tests.fakes import Knobs, start_engine
+from tests.procs import alive
 
 
 async def test_the_demo_serves_a_funded_key_and_stops_on_ctrl_c(

@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from routecat.demo import DEMO_SATS, MODEL_NAME, QUESTION
-from tests.demo_process import alive, start_demo
+from tests.demo_process import start_demo
+from tests.procs import alive
 
 pytestmark = pytest.mark.e2e
 

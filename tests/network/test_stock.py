@@ -19,8 +19,8 @@ import trio_websocket
 from ledger.money import split
 from owlrun.agent import open_gateway_socket
 from tests.clients import MODEL, chat, read_sse, text_of, wait_for
-from tests.demo_process import stop_process
 from tests.fakes import Knobs, start_engine
+from tests.procs import stop_process
 from tests.servers import (
     assert_error,
     balance,

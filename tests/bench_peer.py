@@ -1,0 +1,247 @@
+"""``nox -s bench -- --peer litellm``: RouteCat beside LiteLLM in one run.
+
+The same fake engine (``tests.bench_node``: 64 chunks per stream, one token per chunk,
+no pacing), the same load generator and the same pinning: each gateway on the first
+core, everything else on the others, one after the other. LiteLLM runs with one
+worker, a master key and a model list pointing at the fake engine, from its own
+virtualenv (``ROUTECAT_BENCH_LITELLM`` names its ``litellm`` executable). Gateway CPU is
+the user + system time of the gateway's process tree, from /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from tests.bench import chat, cpu_seconds, pct, rss_mib, timed_requests
+from tests.procs import tree
+
+LITELLM_KEY = "sk-bench-master-key"
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_rss(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_mib(p)
+    return total
+
+
+def cores() -> tuple[set[int], set[int]]:
+    """(the gateway's core, everyone else's): split where the machine has two or more."""
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 2:
+        return set(mine), set(mine)
+    return {mine[0]}, set(mine[1:])
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(p, cpus)
+
+
+async def stream_events(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], n: int, concurrency: int
+) -> tuple[list[float], list[int], float, list[str]]:
+    """Whole-stream times, SSE events per stream, the wall time and failures."""
+    totals: list[float] = []
+    events: list[int] = []
+    failures: list[str] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for _ in counter:
+            t = time.perf_counter()
+            count = 0
+            try:
+                async with client.stream("POST", url, json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            count += 1
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc)[:200])
+                continue
+            totals.append(time.perf_counter() - t)
+            events.append(count)
+            if r.status_code != 200 or count < 2:
+                failures.append(f"stream {r.status_code}, {count} events")
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return totals, events, time.perf_counter() - start, failures
+
+
+async def figures(
+    client: httpx.AsyncClient, cpu: Callable[[], float] | None, n: int
+) -> dict[str, float]:
+    """One gateway's (or the direct engine's) figures, the same phases for each."""
+    out: dict[str, float] = {}
+    failures: list[str] = []
+    url = "/v1/chat/completions"
+    await timed_requests(client, url, chat("fast:1b"), 50, 4, failures)  # warm up
+    await stream_events(client, url, chat("long64:1b", True), 10, 1)
+    failures.clear()
+
+    def now() -> float:
+        return cpu() if cpu is not None else 0.0
+
+    for conc, count in ((1, n // 4), (16, n), (64, n)):
+        before = now()
+        lat, wall = await timed_requests(client, url, chat("fast:1b"), count, conc, failures)
+        used = now() - before
+        out[f"cpu_ms_c{conc}"] = used / max(1, len(lat)) * 1000
+        out[f"rps_c{conc}"] = len(lat) / wall
+        out[f"p50_ms_c{conc}"] = pct(lat, 0.5) * 1000
+        out[f"p99_ms_c{conc}"] = pct(lat, 0.99) * 1000
+    for conc, count in ((1, n // 10), (16, n // 5)):
+        before = now()
+        totals, events, wall, failed = await stream_events(
+            client, url, chat("long64:1b", True), count, conc
+        )
+        used = now() - before
+        failures += failed
+        out[f"stream_cpu_ms_c{conc}"] = used / max(1, len(totals)) * 1000
+        out[f"streams_per_s_c{conc}"] = len(totals) / wall
+        out[f"stream_p50_ms_c{conc}"] = pct(totals, 0.5) * 1000
+        out[f"stream_events_c{conc}"] = statistics.median(events) if events else 0
+    out["failures"] = len(failures)
+    if failures:
+        print("failures (first 5):", failures[:5])
+    return out
+
+
+async def start_litellm(
+    litellm: str, engine_url: str, tmp: str, cpus: set[int]
+) -> tuple[trio.Process, str]:
+    """LiteLLM's proxy, one worker, in front of the fake engine; its URL once it answers."""
+    config = Path(tmp) / "litellm.yaml"
+    models = "".join(
+        f"  - model_name: {name}\n"
+        f"    litellm_params:\n"
+        f"      model: openai/{name}\n"
+        f"      api_base: {engine_url}/v1\n"
+        f"      api_key: none\n"
+        for name in ("fast:1b", "long64:1b")
+    )
+    config.write_text(
+        f"model_list:\n{models}general_settings:\n  master_key: {LITELLM_KEY}\n"
+        "litellm_settings:\n  drop_params: true\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+    }
+    log = open(Path(tmp) / "litellm.log", "wb")  # noqa: SIM115 - a file nobody must drain
+    process = await trio.lowlevel.open_process(
+        [litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+         "--num_workers", "1"],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=5) as c:
+        with trio.fail_after(180):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError((Path(tmp) / "litellm.log").read_text()[-3000:])
+                try:
+                    if (await c.get(url + "/health/liveliness")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.2)
+    print(f"LiteLLM up in {time.perf_counter() - started:.1f} s", flush=True)
+    pin(process.pid, cpus)
+    return process, url
+
+
+def ratio_rows(ours: dict[str, float], peer: dict[str, float], direct: dict[str, float]) -> str:
+    """The side-by-side table: RouteCat, LiteLLM, the direct engine, and the ratios."""
+    rows = ["| measure | RouteCat | LiteLLM | direct engine | RouteCat vs LiteLLM |",
+            "|---|---|---|---|---|"]  # fmt: skip
+
+    def less(key: str) -> str:
+        return f"x{peer[key] / ours[key]:.1f} less" if ours[key] else "-"
+
+    def more(key: str) -> str:
+        return f"x{ours[key] / peer[key]:.1f}" if peer[key] else "-"
+
+    for conc in (1, 16, 64):
+        key = f"cpu_ms_c{conc}"
+        rows.append(
+            f"| gateway CPU per non-stream request, c={conc} | {ours[key]:.2f} ms"
+            f" | {peer[key]:.2f} ms | - | {less(key)} |"
+        )
+    for conc in (1, 16, 64):
+        key = f"rps_c{conc}"
+        rows.append(
+            f"| throughput, c={conc} | {ours[key]:.0f} req/s | {peer[key]:.0f} req/s"
+            f" | {direct[key]:.0f} req/s | {more(key)} |"
+        )
+    for conc in (1, 16, 64):
+        key = f"p50_ms_c{conc}"
+        p99 = f"p99_ms_c{conc}"
+        rows.append(
+            f"| p50 / p99, c={conc} | {ours[key]:.2f} / {ours[p99]:.2f} ms"
+            f" | {peer[key]:.2f} / {peer[p99]:.2f} ms"
+            f" | {direct[key]:.2f} / {direct[p99]:.2f} ms | |"
+        )
+    rows.append(
+        f"| added p50, non-stream c=1 | {ours['p50_ms_c1'] - direct['p50_ms_c1']:.2f} ms"
+        f" | {peer['p50_ms_c1'] - direct['p50_ms_c1']:.2f} ms | - | |"
+    )
+    for conc in (1, 16):
+        key = f"stream_cpu_ms_c{conc}"
+        rows.append(
+            f"| gateway CPU per 64-chunk stream, c={conc} | {ours[key]:.2f} ms"
+            f" | {peer[key]:.2f} ms | - | {less(key)} |"
+        )
+        key = f"streams_per_s_c{conc}"
+        rows.append(
+            f"| streams per second, c={conc} | {ours[key]:.0f} | {peer[key]:.0f}"
+            f" | {direct[key]:.0f} | {more(key)} |"
+        )
+    rows.append(
+        f"| 64-chunk stream total p50, c=1 | {ours['stream_p50_ms_c1']:.2f} ms"
+        f" | {peer['stream_p50_ms_c1']:.2f} ms | {direct['stream_p50_ms_c1']:.2f} ms | |"
+    )
+    rows.append(
+        f"| SSE events per 64-token stream (c=1 / c=16) | {ours['stream_events_c1']:.0f}"
+        f" / {ours['stream_events_c16']:.0f} | {peer['stream_events_c1']:.0f}"
+        f" / {peer['stream_events_c16']:.0f} | {direct['stream_events_c1']:.0f}"
+        f" / {direct['stream_events_c16']:.0f} | |"
+    )
+    rows.append(
+        f"| failed requests | {ours['failures']:.0f} | {peer['failures']:.0f}"
+        f" | {direct['failures']:.0f} | |"
+    )
+    rows.append(
+        f"| gateway RSS after the run | {ours['rss_mib']:.0f} MiB | {peer['rss_mib']:.0f} MiB"
+        f" | - | x{peer['rss_mib'] / ours['rss_mib']:.1f} less |"
+    )
+    return "\n".join(rows)

@@ -38,7 +38,7 @@ def rss_mib(pid: int) -> float:
 async def read_line_with(proc: trio.Process, marker: bytes, buf: bytearray) -> str:
     stream = proc.stdout
     assert stream is not None
-    while marker not in buf:
+    while marker not in buf or b"\n" not in buf[buf.index(marker) :]:  # the whole line
         chunk = await stream.receive_some()
         if not chunk:
             raise RuntimeError(f"process ended before {marker!r}: {buf.decode(errors='replace')}")
@@ -335,10 +335,14 @@ async def main() -> None:
         "ROUTECAT_QUEUE_MAX": "100000",
         "ROUTECAT_BTC_USD": "100000",
     }
+    # --gateway-src DIR: the gateway, its node and its CLI from another checkout (an
+    # older commit measured beside this one, in the same hour).
+    src = option("--gateway-src", os.getcwd())
+    env["PYTHONPATH"] = src
     log_path = f"{tmp}/gateway.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - a file, not a pipe: nobody must drain it
     gateway = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log_file
+        [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log_file, cwd=src
     )
     pin(gateway.pid, gateway_cores)  # a one-core figure
     node = None
@@ -351,7 +355,8 @@ async def main() -> None:
         node = await trio.lowlevel.open_process(
             [sys.executable, "-m", "tests.bench_node", url],
             stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            env={**os.environ, "PYTHONPATH": src},
+            cwd=src,
         )
         nbuf = bytearray()
         with trio.fail_after(30):
@@ -374,6 +379,7 @@ async def main() -> None:
                 ],
                 env=env,
                 capture_stdout=True,
+                cwd=src,
             )
             direct = httpx.AsyncClient(base_url=engine_url, timeout=120, limits=limits)
             if peer:

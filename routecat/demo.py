@@ -368,6 +368,7 @@ def demo_config(options: DemoOptions) -> Config:
 async def run_demo(
     options: DemoOptions,
     out: IO[str],
+    prepared: tuple[Path, Path] | None = None,
     *,
     stop: trio.Event | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -383,12 +384,9 @@ async def run_demo(
             engine_url, engine_name = options.backend_url.rstrip("/"), options.backend_url
             await wait_until_up(engine_url, None, None, within=30)
         else:
-            python = await trio.to_thread.run_sync(prepare_engine, cache, out)
-            if options.model_file is not None:
-                model_path, alias = options.model_file, options.model_file.stem.lower()
-            else:
-                model_path = await trio.to_thread.run_sync(prepare_model, cache, python, out)
-                alias = MODEL_NAME
+            assert prepared is not None, "the engine is prepared before the demo starts"
+            python, model_path = prepared
+            alias = MODEL_NAME if options.model_file is None else model_path.stem.lower()
             port = free_port()
             threads = options.threads or max(1, (os.cpu_count() or 2) // 2)
             command = llama_server_command(
@@ -448,11 +446,23 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def prepare(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
-    """The first run's slow steps only: the engine built, the model fetched."""
+def prepare_all(options: DemoOptions, out: IO[str]) -> tuple[Path, Path]:
+    """The engine's python and the model file, built and fetched if need be. Run before
+    the event loop, in the main thread, so that Ctrl-C stops a build at once."""
     try:
         python = prepare_engine(options.cache_dir, out)
         model = options.model_file or prepare_model(options.cache_dir, python, out)
+    except (OSError, subprocess.SubprocessError, StopIteration, zipfile.BadZipFile) as exc:
+        raise DemoError(f"preparing the engine failed: {exc!r}") from exc
+    if not model.is_file():
+        raise DemoError(f"no model file at {model}")
+    return python, model
+
+
+def prepare(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
+    """The first run's slow steps only: the engine built, the model fetched."""
+    try:
+        python, model = prepare_all(options, out)
     except DemoError as exc:
         print(f"routecat demo: {exc}", file=sys.stderr)
         return 1
@@ -465,7 +475,8 @@ def prepare(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
 def run(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
     """The demo until Ctrl-C: 0 when stopped by a signal, 1 when it could not start."""
     try:
-        trio.run(functools.partial(run_demo, options, out))
+        prepared = None if options.backend_url else prepare_all(options, out)
+        trio.run(functools.partial(run_demo, options, out, prepared))
     except BaseException as exc:  # each kind is answered below
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):

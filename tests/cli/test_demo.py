@@ -5,7 +5,9 @@ jobs billed and audited, and Ctrl-C stopping everything."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,3 +111,21 @@ def test_a_failed_first_run_step_says_why(tmp_path: Path) -> None:
     assert "building llama.cpp failed (exit status 3)" in str(failed.value)
     assert "error: no compiler" in str(failed.value)
     out.close()
+
+
+def test_a_build_that_cannot_work_says_why_and_what_to_do(tmp_path: Path) -> None:
+    """No package index (pip fails at once): the demo exits 1 with the build's error and
+    how to use an engine already running, not a traceback; nothing is left half-ready."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [sys.executable, "-m", "routecat", "demo", "--port", "0", "--cache-dir", str(cache),
+         "--database", str(tmp_path / "demo.db")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "building llama.cpp failed" in done.stderr
+    assert "routecat demo --backend-url" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((cache / "engine").glob(".ready-*"))  # the next run builds again

@@ -392,3 +392,54 @@ async def test_native_and_stock_nodes_share_a_model(nursery: trio.Nursery, tmp_p
         assert agent.fetched and native.agent.totals.jobs > 0  # both served
         assert len(agent.fetched) + native.agent.totals.jobs == 6
         await ledger_ok(net)
+
+
+async def test_a_client_leaving_a_shared_agent_lets_the_other_job_finish(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Two jobs on one stock agent (compat_concurrency 2): the client of one leaves; the
+    socket stays open (closing it would kill the other job), the abandoned job runs out
+    on the agent with its output dropped and is billed as the client's leaving, and the
+    other answer arrives whole."""
+    with trio.fail_after(40):
+        net = await compat_network(
+            nursery, tmp_path, free_daily_requests="0", compat_concurrency="2"
+        )
+        engine = await start_engine(nursery, Knobs(delay=0.02, repeat=20))
+        agent = StockAgent(net.url, engine.url, [MODEL])
+        await nursery.start(agent.run)
+        await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+        full = "You said: stay here" * 20
+        kept: list[str] = []
+
+        async def stays() -> None:
+            async with (
+                net.client() as c,
+                c.stream("POST", "/v1/chat/completions", json=chat("stay here", stream=True)) as r,
+            ):
+                events, done, _ = await read_sse(r)
+            assert done
+            kept.append(text_of(events))
+
+        async with trio.open_nursery() as both:
+            both.start_soon(stays)
+            await wait_for(lambda: len(engine.requests) == 1, timeout=5)
+            async with (
+                net.client() as c,
+                c.stream("POST", "/v1/chat/completions", json=chat("leave", stream=True)) as r,
+            ):
+                got = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        got += 1
+                        if got == 3:
+                            break
+        assert kept == [full]
+        assert agent.registered == 1  # its socket was never closed
+        await wait_for(lambda: not net.gateway.gw.scheduler.jobs, timeout=10)
+        rows = await net.gateway.gw.store.read(
+            lambda db: sorted(tuple(r) for r in db.execute("SELECT outcome, tokens_out FROM jobs"))
+        )
+        assert [outcome for outcome, _ in rows] == ["client_gone", "done"]
+        assert 0 < rows[0][1] < rows[1][1]  # the leaver pays for part of its answer
+        await ledger_ok(net)

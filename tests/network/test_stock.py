@@ -81,6 +81,14 @@ async def test_sdk_through_a_stock_agent(nursery: trio.Nursery, tmp_path: Path) 
         call = t.choices[0].message.tool_calls[0]  # type: ignore[index]
         assert t.choices[0].finish_reason == "tool_calls"
         assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+        # Reasoning, where the relayed SSE carries it (reasoning_content deltas).
+        engine.knobs.tool_call, engine.knobs.reasoning = None, ["Let me ", "think."]
+        engine.knobs.reply = ["Yes."]
+        async with net.client() as c:
+            thought = await c.post("/v1/chat/completions", json=chat("think"))
+        assert thought.status_code == 200, thought.text
+        message = thought.json()["choices"][0]["message"]
+        assert message["reasoning_content"] == "Let me think." and message["content"] == "Yes."
         await client.close()
         await ledger_ok(net)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import random
@@ -153,6 +154,34 @@ class Totals:
     tokens_out: int = 0
 
 
+async def _gather(
+    outbox: trio.MemoryReceiveChannel[Message], first: Chunk, deadline: float
+) -> tuple[dict[str, list[Delta]], Message | None, bool]:
+    """The tokens queued after ``first`` until ``deadline`` (one list per job, in order),
+    ended early by any other message (returned to go after them) or by the outbox
+    closing (True)."""
+    pending: dict[str, list[Delta]] = {first.job_id: [first.delta]}
+    while True:
+        following: Message | None = None
+        try:
+            following = outbox.receive_nowait()
+        except trio.EndOfChannel:
+            return pending, None, True
+        except trio.WouldBlock:
+            if deadline <= trio.current_time():
+                return pending, None, False
+            with trio.move_on_at(deadline):
+                try:
+                    following = await outbox.receive()
+                except trio.EndOfChannel:
+                    return pending, None, True
+            if following is None:
+                return pending, None, False
+        if not isinstance(following, Chunk):
+            return pending, following, False
+        pending.setdefault(following.job_id, []).append(following.delta)
+
+
 @attrs.define(eq=False)
 class Agent:
     # One gateway URL, or several separated by commas (replicas): the agent stays with
@@ -170,6 +199,8 @@ class Agent:
     drain_timeout: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024
     heartbeat_interval: float = 10.0
+    # Tokens that follow a chunk frame within this many seconds join the next frame.
+    batch_window: float = 0.005
     models: list[ModelInfo] = attrs.Factory(list)
     earnings: Earnings | None = None
     totals: Totals = attrs.Factory(Totals)
@@ -314,34 +345,41 @@ class Agent:
     async def _sender(
         self, ws: trio_websocket.WebSocketConnection, outbox: trio.MemoryReceiveChannel[Message]
     ) -> None:
-        held: Message | None = None
-        while True:
-            if held is not None:
-                message, held = held, None
-            else:
-                try:
-                    message = await outbox.receive()
-                except trio.EndOfChannel:
-                    break
-            if isinstance(message, Chunk):
-                # A fast engine's tokens that are already waiting leave in one frame. One
-                # scheduling turn first lets a job whose engine has sent more tokens (already
-                # in our socket buffer) queue them: microseconds, not a timer.
+        """Sends the outbox in order. Tokens are coalesced: a chunk leaves at once when no
+        chunk frame left in the last ``batch_window`` seconds; otherwise it waits for the
+        rest of that window (or until any other message, such as the job's ``done``,
+        arrives), and every token queued meanwhile leaves with it, one ``chunks`` frame
+        per job. A token is never held longer than the window, so an engine slower than
+        one token per window sees no batching at all, and a fast one sends a few frames
+        per answer instead of one per token. Order per job is kept: any other message
+        leaves after the chunks queued before it."""
+        last_chunk_frame = -math.inf
+        closed = False
+        while not closed:
+            try:
+                message = await outbox.receive()
+            except trio.EndOfChannel:
+                break
+            if not isinstance(message, Chunk):
+                await ws.send_message(encode(message))
+                continue
+            deadline = last_chunk_frame + self.batch_window
+            if deadline <= trio.current_time():
+                # One scheduling turn: tokens already in our socket buffer join the frame.
                 await trio.lowlevel.checkpoint()
-                deltas = [message.delta]
-                while len(deltas) < MAX_BATCH:
-                    try:
-                        following = outbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if isinstance(following, Chunk) and following.job_id == message.job_id:
-                        deltas.append(following.delta)
-                    else:
-                        held = following  # order is kept: it goes next
-                        break
-                if len(deltas) > 1:
-                    message = Chunks(job_id=message.job_id, deltas=deltas)
-            await ws.send_message(encode(message))
+            pending, after, closed = await _gather(outbox, message, deadline)
+            for job_id, deltas in pending.items():
+                for start in range(0, len(deltas), MAX_BATCH):
+                    part = deltas[start : start + MAX_BATCH]
+                    frame: Message = (
+                        Chunk(job_id=job_id, delta=part[0])
+                        if len(part) == 1
+                        else Chunks(job_id=job_id, deltas=part)
+                    )
+                    await ws.send_message(encode(frame))
+            last_chunk_frame = trio.current_time()
+            if after is not None:
+                await ws.send_message(encode(after))
         self._flushed.set()  # the outbox was closed (drain) and every frame is sent
 
     async def _send(self, message: Message) -> None:

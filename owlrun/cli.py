@@ -50,8 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", type=Path, default=None, help=f"identity file (default {default_path()})"
     )
+    p.add_argument(
+        "--batch-window-ms",
+        type=_window_ms,
+        default=5.0,
+        help="tokens that follow a sent chunk within this many ms leave together in one"
+        " frame (0 to 100, default 5; 0 sends each token at once)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _window_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError("between 0 and 100 ms")
+    return value
 
 
 def make_engine(args: argparse.Namespace, client: httpx.AsyncClient) -> Engine:
@@ -75,6 +92,7 @@ async def main_async(args: argparse.Namespace) -> int:
             identity=identity,
             engine=make_engine(args, client),
             max_jobs=max(1, args.max_jobs),
+            batch_window=args.batch_window_ms / 1000,
             allowed_models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             name=args.name,
             payout_address=args.lightning_address,

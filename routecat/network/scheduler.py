@@ -349,17 +349,28 @@ class Scheduler:
         await self._emit(handle, Failure(error))
 
     async def _emit(self, handle: JobHandle, event: Event) -> None:
-        """Hand an event to the view; a view gone or stalled for minutes means the client is gone."""
+        """Hand an event to the view and let it run."""
+        if await self._offer(handle, event):
+            await trio.lowlevel.checkpoint()
+
+    async def _offer(self, handle: JobHandle, event: Event) -> bool:
+        """Hand an event to the view without letting it run when there is room (so the
+        events of one frame leave in one write); False once the view is gone. A view gone
+        or stalled for minutes means the client is gone."""
         try:
             handle._send.send_nowait(event)  # the common case: room in the buffer
-            await trio.lowlevel.checkpoint()
-            return
+            return True
         except trio.WouldBlock:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             handle.cancel_reason = handle.cancel_reason or "client_gone"
             handle.scope.cancel()
-            return
+            return False
+        await self._emit_waiting(handle, event)
+        return handle.cancel_reason is None
+
+    async def _emit_waiting(self, handle: JobHandle, event: Event) -> None:
+        """The view's buffer is full: wait for room, at most ``CLIENT_STALL_TIMEOUT``."""
         with trio.move_on_after(CLIENT_STALL_TIMEOUT) as timer:
             try:
                 await handle._send.send(event)
@@ -399,6 +410,7 @@ class Scheduler:
                 # Text for an embedding job, or vectors for a text job: not this job's answer.
                 raise NodeFailed(f"a {frame.type} frame for a {handle.spec.kind} job", True)
             if isinstance(frame, Chunk | Chunks):
+                handed = False
                 for delta in frame.deltas if isinstance(frame, Chunks) else (frame.delta,):
                     if delta.is_empty():
                         continue
@@ -410,7 +422,11 @@ class Scheduler:
                     for call in delta.tool_calls or ():
                         if (call.get("function") or {}).get("name"):
                             progress.tool_calls.add(call["index"])
-                    await self._emit(handle, delta)
+                    handed = await self._offer(handle, delta)
+                    if not handed:
+                        break  # the client is gone: its scope is cancelled
+                if handed:
+                    await trio.lowlevel.checkpoint()  # the view writes the frame's events
             elif isinstance(frame, Done):
                 progress.done = frame
                 return

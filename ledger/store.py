@@ -144,11 +144,13 @@ class Store:
     _writer: sqlite3.Connection
     _reader: sqlite3.Connection
     _run: ThreadRunner = run_in_thread
+    _peeker: sqlite3.Connection | None = None
     _write_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
     _read_lock: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
     _queue: list[_Pending[Any]] = attrs.Factory(list)
     _wdb: sqlite_utils.Database = attrs.field(init=False)
     _rdb: sqlite_utils.Database = attrs.field(init=False)
+    _pdb: sqlite_utils.Database = attrs.field(init=False)
     writes: int = 0
     batches: int = 0
 
@@ -157,6 +159,7 @@ class Store:
         self._rdb = (
             self._wdb if self._reader is self._writer else sqlite_utils.Database(self._reader)
         )
+        self._pdb = sqlite_utils.Database(self._peeker or self._writer)
 
     @classmethod
     def open(cls, path: str, *, runner: ThreadRunner = run_in_thread) -> Store:
@@ -166,12 +169,34 @@ class Store:
             raise RuntimeError(f"cannot enable WAL on {path} (journal_mode={mode})")
         writer.execute("PRAGMA synchronous = FULL")
         reader = writer if path == ":memory:" else _connect(path)
-        return cls(path, writer, reader, runner)
+        peeker = None
+        if path != ":memory:":
+            peeker = _connect(path)
+            peeker.execute("PRAGMA busy_timeout = 0")  # never waits: see ``peek``
+        return cls(path, writer, reader, runner, peeker)
 
     def close(self) -> None:
         if self._reader is not self._writer:
             self._reader.close()
+        if self._peeker is not None:
+            self._peeker.close()
         self._writer.close()
+
+    def peek(self, fn: Callable[[Connection], T]) -> T:
+        """Run a read of a few rows by key on the calling thread (the event loop), in its
+        own connection: with WAL a reader never waits for the writer, so this takes
+        microseconds and saves a worker-thread round trip. It never waits for a lock
+        either (``busy_timeout = 0``): on the rare ``SQLITE_BUSY`` (a WAL reset) it raises
+        ``sqlite3.OperationalError`` and the caller reads through ``read`` instead. On
+        ``:memory:`` (tests, one thread) it reads through the writer."""
+        conn = self._peeker or self._writer
+        if conn is self._writer and conn.in_transaction:
+            raise sqlite3.OperationalError("the writer is in a transaction")
+        conn.execute("BEGIN")
+        try:
+            return fn(self._pdb)
+        finally:
+            conn.execute("COMMIT")
 
     # -- synchronous API (used inside worker threads and by offline CLI commands) --
 

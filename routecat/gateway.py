@@ -15,7 +15,7 @@ import attrs
 import httpx
 import trio
 
-from ledger.store import Storage
+from ledger.store import Storage, Store
 from routecat.api.clientip import IPNetwork, parse_networks
 from routecat.api.ratelimit import Limiter, SharedWindow, SlidingWindow
 from routecat.clock import Clock
@@ -122,6 +122,8 @@ async def open_gateway(
         earnings = Earnings(store, registry, clock)
         cluster = Cluster(store, config, registry, clock, shared=is_postgres(config.database))
         admissions.holder = cluster.id
+        if isinstance(store, Store):  # one process: paid reservations in memory
+            admissions.peek = store.peek
         settlement = Settlement(
             store, config, admissions, reputation, earnings, metrics, clock, cluster.alive_others
         )

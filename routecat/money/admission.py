@@ -2,17 +2,30 @@
 
 Invariants: a free request takes one of the key's daily free requests and reserves
 its maximum cost against the daily subsidy budget; a paid request is admitted only if
-``balance - reserved > 0`` (checked and reserved atomically, in one transaction) and
-reserves its estimated maximum cost. Nothing is admitted without a BTC/USD rate
-(never priced at 0). Every admission this process holds open is in
-``open_reservations`` until its job settles (the sweeper leaves those alone).
+``balance - reserved > 0`` (checked and reserved atomically) and reserves its
+estimated maximum cost. Nothing is admitted without a BTC/USD rate (never priced at
+0). Every admission this process holds open is in ``open_reservations`` until its job
+settles (the sweeper leaves those alone).
+
+Where paid reservations live: with replicas (PostgreSQL) in the database, in one
+transaction with the check, so that every replica sees them. With one process
+(SQLite) in this process's memory (``local``): the balance is read on the event loop
+(``Store.peek``, microseconds, no await) and the reservation added before anything
+else runs, so the check and the reservation are atomic; the reservation is dropped
+only after its settlement committed, so a cost is always counted by the balance, by a
+reservation, or by both (never by neither). A reservation is not money (no posting
+exists for it), so a crash that loses them loses no bill and doubles none: see
+``docs/billing.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import attrs
+import trio
 
 from ledger import book
 from ledger.money import cost_msat
@@ -24,6 +37,8 @@ from routecat.errors import InsufficientBalance, ServiceUnavailable
 from routecat.money.pricing import Catalog, Price
 from routecat.money.rates import RateFeed
 from routecat.network.jobs import JobSpec
+
+PEEK_ATTEMPTS = 5
 
 
 @attrs.frozen
@@ -46,6 +61,12 @@ class Admissions:
     # settling): the sweeper never releases these.
     open_reservations: set[str] = attrs.Factory(set)
     holder: str = ""  # this replica's id, written on its reservations
+    # One process (SQLite): a read on the event loop (``Store.peek``); paid
+    # reservations then live in memory (see the module doc).
+    peek: Callable[[Callable[[Connection], Any]], Any] | None = None
+    # Paid reservations held in memory: per account, and per job (account, amount).
+    _held: dict[str, int] = attrs.Factory(dict)
+    _holds: dict[str, tuple[str, int]] = attrs.Factory(dict)
 
     def max_cost(self, spec: JobSpec, price: Price, rate: Decimal) -> int:
         return cost_msat(
@@ -125,10 +146,13 @@ class Admissions:
             )
         reserve = self.max_cost(spec, price, rate)
         account = book.user_account(spec.key_id)
-
-        if await self.store.write(
-            lambda db: book.reserve(db, spec.job_id, account, reserve, now, self.holder)
-        ):
+        if self.peek is not None:
+            admitted = await self._reserve_locally(spec.job_id, account, reserve)
+        else:
+            admitted = await self.store.write(
+                lambda db: book.reserve(db, spec.job_id, account, reserve, now, self.holder)
+            )
+        if admitted:
             self.open_reservations.add(spec.job_id)
         else:
             raise InsufficientBalance(
@@ -137,10 +161,51 @@ class Admissions:
             )
         return attrs.evolve(spec, admission=Admission(False, rate, price, reserve, day))
 
+    async def _reserve_locally(self, job_id: str, account: str, amount: int) -> bool:
+        """Check ``balance - reserved > 0`` and reserve ``amount`` in memory, with no
+        await between the read and the reservation."""
+        peek = self.peek
+        assert peek is not None, "local reservations need a store that peeks"
+        for attempt in range(PEEK_ATTEMPTS):
+            try:
+                balance, reserved = peek(lambda db: book.balance(db, account))
+            except Exception as exc:  # SQLITE_BUSY during a WAL reset: rare and brief
+                if attempt == PEEK_ATTEMPTS - 1:
+                    raise ServiceUnavailable(
+                        "the ledger is busy; retry in a second", retry_after=1
+                    ) from exc
+                await trio.sleep(0.001 * (attempt + 1))
+                continue
+            if balance - reserved - self._held.get(account, 0) <= 0:
+                return False
+            self._held[account] = self._held.get(account, 0) + amount
+            self._holds[job_id] = (account, amount)
+            return True
+        return False  # unreachable: the last attempt returns or raises
+
+    def settled(self, job_id: str) -> None:
+        """The job's settlement committed (or it never started): its reservation ends."""
+        self.open_reservations.discard(job_id)
+        held = self._holds.pop(job_id, None)
+        if held is not None:
+            account, amount = held
+            left = self._held[account] - amount
+            if left:
+                self._held[account] = left
+            else:
+                del self._held[account]
+
+    def held(self, account: str) -> int:
+        """What this process holds in memory against ``account`` (paid reservations)."""
+        return self._held.get(account, 0)
+
     async def release(self, spec: JobSpec) -> None:
         """Undo an admission whose job never started (no node, shutting down)."""
         admission = spec.admission
         if not isinstance(admission, Admission):
+            return
+        if spec.job_id in self._holds:
+            self.settled(spec.job_id)  # held in memory: nothing was written
             return
 
         def undo(db: Connection) -> None:
@@ -148,7 +213,7 @@ class Admissions:
             quota.settle_claim(db, spec.job_id, give_back=True)
 
         await self.store.write(undo)
-        self.open_reservations.discard(spec.job_id)
+        self.settled(spec.job_id)
 
     async def balance(self, key_id: int) -> dict[str, int]:
         day = utc_day(self.clock.wall())

@@ -150,7 +150,7 @@ class Settlement:
         with trio.move_on_after(SETTLE_WRITE_TIMEOUT) as timer:
             try:
                 bill = await self.store.write(write)
-                self.admissions.open_reservations.discard(spec.job_id)
+                self.admissions.settled(spec.job_id)
             except Exception as exc:
                 failure = exc
         if timer.cancelled_caught:  # a stalled store: the write never began, so retry it
@@ -254,7 +254,7 @@ class Settlement:
                     log.warning("settlement of job %s still failing: %r", job_id, exc)
                     continue
                 del self._unsettled[job_id]
-                self.admissions.open_reservations.discard(job_id)
+                self.admissions.settled(job_id)
                 log.info("settlement of job %s committed after a retry", job_id)
             self.metrics.settlements_pending.set(len(self._unsettled))
             if self._unsettled:

@@ -166,3 +166,48 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     assert store.read_sync(lambda db: book.balance(db, "user:1")) == (200, 0)
     assert store.read_sync(book.check).ok
     store.close()
+
+
+def top_up(db: book.Connection, key: str, amount: int) -> None:
+    book.post(
+        db,
+        key,
+        "topup",
+        [book.Posting("user:1", amount), book.Posting(book.LIGHTNING_IN, -amount)],
+    )
+
+
+def test_peek_reads_committed_rows_on_the_calling_thread_without_waiting(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+    import threading
+
+    from ledger.store import Store
+
+    store = Store.open(str(tmp_path / "peek.db"))
+    store.migrate(book.COMPONENT, book.MIGRATIONS)
+    try:
+        store.write_sync(lambda db: top_up(db, "t1", 5_000))
+        assert store.peek(lambda db: book.balance(db, "user:1")) == (5_000, 0)
+        # A writer holding its transaction open (a batch being committed): the peek sees
+        # the last commit at once (WAL), never the uncommitted rows, and never waits.
+        inside, release = threading.Event(), threading.Event()
+
+        def slow_write(db: object) -> None:
+            top_up(db, "t2", 1_000)  # type: ignore[arg-type]
+            inside.set()
+            release.wait(10)
+
+        writer = threading.Thread(target=store.write_sync, args=(slow_write,))
+        writer.start()
+        assert inside.wait(10)
+        assert store.peek(lambda db: book.balance(db, "user:1")) == (5_000, 0)
+        release.set()
+        writer.join()
+        assert store.peek(lambda db: book.balance(db, "user:1")) == (6_000, 0)
+        with pytest.raises(sqlite3.OperationalError):
+            store.peek(lambda db: db.execute("SELECT * FROM no_such_table").fetchone())
+        assert store.peek(lambda db: book.balance(db, "user:1")) == (6_000, 0)  # still usable
+    finally:
+        store.close()

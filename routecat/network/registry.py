@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +26,11 @@ from routecat.metrics import Metrics
 from routecat.network.link import NodeLink
 
 KNOWN_FOR = 24 * 3600.0
+# Up to this many candidates a pick compares them all; above, it compares a random
+# sample of PICK_SAMPLE (the power of k choices), so its cost stays flat as the
+# network grows, and falls back to comparing all only when the sample has no free slot.
+EXACT_PICK = 64
+PICK_SAMPLE = 16
 # The epoch that replicas watch to close nodes banned elsewhere.
 BANS_EPOCH = "bans"
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{4,64}")
@@ -58,6 +64,10 @@ class Registry:
     address_problem: Callable[[str], str | None] = lambda address: None
     _changed: trio.Event = attrs.Factory(trio.Event)
     _membership: trio.Event = attrs.Factory(trio.Event)
+    # Per model, the nodes that advertise it: (ours, other replicas'), rebuilt on the
+    # first lookup after a node came, went or changed its models (``invalidate``).
+    _index: dict[str, tuple[list[NodeLink], list[NodeLink]]] | None = None
+    _contexts: dict[str, int | None] = attrs.Factory(dict)
 
     async def load(self) -> None:
         self.model_seen = await self.store.read(stored.models_seen)
@@ -71,9 +81,29 @@ class Registry:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def invalidate(self) -> None:
+        """Nodes came, went or changed their models (ours, or another replica's)."""
+        self._index = None
+        self._contexts.clear()
+
+    def _serving_all(self, model: str) -> tuple[list[NodeLink], list[NodeLink]]:
+        """(ours, other replicas') that advertise ``model``, closed ones included."""
+        if self._index is None:
+            index: dict[str, tuple[list[NodeLink], list[NodeLink]]] = {}
+            for node in self.nodes.values():
+                for name in node.models:
+                    index.setdefault(name, ([], []))[0].append(node)
+            for node_id, node in self.remote.items():
+                if node_id not in self.nodes:
+                    for name in node.models:
+                        index.setdefault(name, ([], []))[1].append(node)
+            self._index = index
+        return self._index.get(model, ([], []))
+
     def membership_changed(self) -> None:
         """A node came, went, drains or changed its models (the cluster republishes the
         directory at once)."""
+        self.invalidate()
         self._membership.set()
         self._membership = trio.Event()
         self.changed()
@@ -86,7 +116,8 @@ class Registry:
         return [*self.nodes.values(), *(n for i, n in self.remote.items() if i not in self.nodes)]
 
     def serving(self, model: str) -> list[NodeLink]:
-        return [n for n in self.everywhere() if model in n.models and n.closed_reason is None]
+        ours, theirs = self._serving_all(model)
+        return [n for n in (*ours, *theirs) if n.closed_reason is None]
 
     def online_models(self) -> dict[str, list[NodeLink]]:
         out: dict[str, list[NodeLink]] = {}
@@ -97,13 +128,17 @@ class Registry:
         return out
 
     def context_length(self, model: str) -> int | None:
-        """The largest context length any node serving ``model`` reported, if any."""
-        lengths = [
-            n.models[model].context_length
-            for n in self.serving(model)
-            if n.models[model].context_length
-        ]
-        return max((x for x in lengths if x), default=None)
+        """The largest context length any node serving ``model`` reported, if any
+        (computed once per model until nodes change: every request asks)."""
+        self._serving_all(model)  # the cache below lives as long as the index
+        if model not in self._contexts:
+            lengths = [
+                n.models[model].context_length
+                for n in self.serving(model)
+                if n.models[model].context_length
+            ]
+            self._contexts[model] = max((x for x in lengths if x), default=None)
+        return self._contexts[model]
 
     def is_embedding(self, model: str) -> bool:
         """Some node serving ``model`` says it is an embedding model."""
@@ -111,7 +146,12 @@ class Registry:
 
     def is_known(self, model: str) -> bool:
         """Known: in the price catalog, or advertised by some node within 24 hours."""
-        if model in self.catalog_models or self.serving(model):
+        if model in self.catalog_models:
+            return True
+        ours, theirs = self._serving_all(model)
+        if any(n.closed_reason is None for n in ours) or any(
+            n.closed_reason is None for n in theirs
+        ):
             return True
         seen = self.model_seen.get(model)
         return seen is not None and self.clock.wall() - seen < KNOWN_FOR
@@ -120,20 +160,33 @@ class Registry:
         self, model: str, exclude: Iterable[str] = (), *, min_protocol: int = 1
     ) -> NodeLink | None:
         """The best node with a free slot: least loaded, then fastest, then most reputable;
-        one of ours if any is free, else one another replica holds (forwarded)."""
+        one of ours if any is free, else one another replica holds (forwarded). Among
+        more than ``EXACT_PICK`` candidates, the best of a random sample."""
         excluded = set(exclude)
-        able = [n for n in self.serving(model) if n.protocol_version >= min_protocol]
-        local = [n for n in able if n.id in self.nodes]
-        return self._best(local, excluded) or self._best(
-            [n for n in able if n.id not in self.nodes], excluded
-        )
+        for candidates in self._serving_all(model):
+            if len(candidates) > EXACT_PICK:
+                sample = random.sample(candidates, PICK_SAMPLE)
+                best = self._best(sample, excluded, min_protocol)
+                if best is not None:
+                    return best
+            best = self._best(candidates, excluded, min_protocol)
+            if best is not None:
+                return best
+        return None
 
-    def _best(self, candidates: list[NodeLink], excluded: set[str]) -> NodeLink | None:
+    def _best(
+        self, candidates: list[NodeLink], excluded: set[str], min_protocol: int
+    ) -> NodeLink | None:
         now = self.clock.monotonic()
         best: NodeLink | None = None
         best_score = 0.0
         for node in candidates:
-            if node.id in excluded or not node.has_slot() or node.cooldown_until > now:
+            if (
+                node.protocol_version < min_protocol
+                or node.id in excluded
+                or not node.has_slot()
+                or node.cooldown_until > now
+            ):
                 continue
             load = (node.in_flight + 1) / node.capacity
             speed = node.tps_ema or 1.0

@@ -183,6 +183,7 @@ class Forwarder:
             link.remote_in_flight = entry.in_flight
         for node_id in [n for n in known if n not in seen]:
             known.pop(node_id).close("gone from the directory")
+        self.registry.invalidate()
         self.registry.changed()
 
     def start(self, link: RemoteLink, attempt: Attempt, job: Job, scope: trio.CancelScope) -> bool:

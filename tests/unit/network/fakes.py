@@ -54,5 +54,5 @@ def add_node(
         last_seen=now,
     )
     registry.nodes[node_id] = link
-    registry.changed()
+    registry.membership_changed()
     return FakeNode(link, receive)

@@ -49,3 +49,31 @@ async def test_a_model_stays_known_for_a_day_after_its_last_node_left(autojump_c
     again.store = reg.store
     await again.load()
     assert again.model_seen == {"gone-soon": 1_000_000.0}
+
+
+async def test_a_large_network_is_picked_by_sample_and_a_lone_free_slot_still_found(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from routecat.network.registry import EXACT_PICK
+
+    reg = registry()
+    nodes = [add_node(reg, f"node{i:04d}", capacity=2) for i in range(1000)]
+    # Every pick finds a free node, and spreads the load: no node gets a second job
+    # while a third of the network is still idle.
+    for n in range(300):
+        picked = reg.pick("m")
+        assert picked is not None and picked.has_slot()
+        picked.open_attempt(f"job{n}")
+    assert max(node.link.in_flight for node in nodes) == 1
+    # All full but one: the sample misses it, the exact pass finds it.
+    for node in nodes:
+        while node.link.has_slot():
+            node.link.open_attempt(f"fill-{node.link.id}-{node.link.in_flight}")
+    lone = nodes[777].link
+    lone.attempts.pop(next(iter(lone.attempts)))
+    assert lone.has_slot() and reg.pick("m") is lone
+    assert reg.pick("m", exclude=[lone.id]) is None
+    # Nodes leaving are seen at once (the index is rebuilt).
+    del reg.nodes[lone.id]
+    reg.membership_changed()
+    assert reg.pick("m") is None and len(reg.serving("m")) == 999 > EXACT_PICK

@@ -161,12 +161,17 @@ def engine(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Measurements (never in CI's default set): see docs/performance.md.
     ``nox -s bench -- --peer litellm``: beside LiteLLM 1.108.7 in the same run;
-    ``nox -s bench -- --replicas 2``: replicas on PostgreSQL beside one on SQLite."""
+    ``nox -s bench -- --replicas 2``: replicas on PostgreSQL beside one on SQLite;
+    ``nox -s bench -- --scale [streams|nodes|growth]``: 10,000 streams, 10,000 nodes,
+    and how cost grows with keys and the ledger (``tests/bench_scale.py``)."""
     session.install("-e", ".[test,postgres]")
     if "--replicas" in session.posargs:
         at = session.posargs.index("--replicas")
         count = session.posargs[at + 1] if len(session.posargs) > at + 1 else "2"
         session.run("python", "-m", "tests.bench_replicas", count, *session.posargs[at + 2 :])
+        return
+    if "--scale" in session.posargs:
+        session.run("python", "-m", "tests.bench_scale", *session.posargs)
         return
     env = {}
     if "--peer" in session.posargs:

@@ -37,7 +37,6 @@ from owlrun.protocol import (
 log = logging.getLogger("routecat.network")
 
 INBOX_SIZE = 1024
-OUTBOX_SIZE = 1024
 EMA = 0.2
 PENALTY = 0.5
 RECOVERY = 0.05

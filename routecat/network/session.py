@@ -49,7 +49,12 @@ from routecat.network.registry import NODE_ID, Registry, models_ok
 
 log = logging.getLogger("routecat.network")
 
-OUTBOX_SIZE = 1024
+
+def outbox_size(capacity: int) -> int:
+    """Frames queued for a node before it counts as not reading: one job and one
+    cancel per slot, plus heartbeats and the like, so that a burst of jobs up to its
+    capacity never closes an honest node that reads a little late."""
+    return 2 * capacity + 64
 
 
 @attrs.frozen
@@ -122,7 +127,7 @@ async def serve_node_session(
         return
 
     now = registry.clock.monotonic()
-    send, outgoing = trio.open_memory_channel[Message](OUTBOX_SIZE)
+    send, outgoing = trio.open_memory_channel[Message](outbox_size(hello.max_concurrency))
     link = NativeLink(
         protocol_version=min(hello.protocol_version, PROTOCOL_VERSION),
         clock=registry.clock.monotonic,

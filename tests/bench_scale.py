@@ -1,0 +1,475 @@
+"""``nox -s bench -- --scale``: how the gateway holds up as the work grows.
+
+- ``streams``: 10,000 concurrent open streams actually held, each receiving one chunk
+  every 10 s (1,000 chunks/s in all): the gateway's RSS and CPU, and the delay from the
+  engine's chunk to the client (each chunk carries the time it was sent).
+- ``nodes``: 100, 1,000 and 10,000 connected nodes (lightweight fake nodes speaking the
+  protocol, all in this process): the gateway's idle CPU with heartbeats, and its CPU
+  per job as the network grows.
+
+Every figure is the gateway's alone (``/proc`` user + system time of its process,
+pinned to the first core; this process, the fake nodes and the clients, on the others).
+The file-descriptor limit is raised here to the hard limit (inherited by the gateway).
+Run one with ``--scale streams`` or ``--scale nodes``; ``--streams N`` and
+``--nodes 100,1000`` change the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from owlrun.protocol import (
+    NODE_HEADER,
+    PROTOCOL_VERSION,
+    SECRET_HEADER,
+    WS_PATH,
+    Cancel,
+    Chunk,
+    Delta,
+    Done,
+    Heartbeat,
+    Hello,
+    Job,
+    ModelInfo,
+    Usage,
+    Welcome,
+    decode,
+    encode,
+)
+from tests.bench import cpu_seconds, option, pct, rss_mib
+from tests.bench_peer import cores, pin
+
+STAMP = re.compile(rb'"content":"S(\d+\.\d+) "')
+
+
+class FakeNode:
+    """One node connection over wsproto, light enough for 10,000 in one process.
+
+    ``drip``: each job gets a first chunk at once, then one every ``interval`` seconds
+    (stamped with the wall time it was sent) until the gateway cancels it. Otherwise a
+    job is answered at once: one chunk, then done.
+    """
+
+    def __init__(self, host: str, port: int, capacity: int, drip: float | None, model: str) -> None:
+        self.host, self.port = host, port
+        self.node_id = "bench_" + secrets.token_hex(6)
+        self.secret = secrets.token_urlsafe(24)
+        self.capacity = capacity
+        self.drip = drip
+        self.model = model
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.out: list[bytes] = []
+        self.wake = trio.Event()
+        self.jobs: dict[str, trio.CancelScope] = {}
+        self.welcomed = trio.Event()
+        self.served = 0
+        self.interval = 10.0
+
+    def send(self, message: Any) -> None:
+        self.out.append(self.ws.send(TextMessage(encode(message))))
+        self.wake.set()
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        headers = [
+            (NODE_HEADER.encode(), self.node_id.encode()),
+            (SECRET_HEADER.encode(), self.secret.encode()),
+        ]
+        await stream.send_all(
+            self.ws.send(
+                Request(host=f"{self.host}:{self.port}", target=WS_PATH, extra_headers=headers)
+            )
+        )
+        nursery.start_soon(self._writer, stream)
+        text: list[str] = []
+        async with trio.open_nursery() as jobs:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, AcceptConnection):
+                        self.send(
+                            Hello(
+                                node_id=self.node_id,
+                                agent_version="bench",
+                                protocol_version=PROTOCOL_VERSION,
+                                models=[ModelInfo(self.model)],
+                                max_concurrency=self.capacity,
+                            )
+                        )
+                    elif isinstance(event, RejectConnection):
+                        raise RuntimeError(f"node socket rejected: {event.status_code}")
+                    elif isinstance(event, Ping):
+                        self.out.append(self.ws.send(event.response()))
+                        self.wake.set()
+                    elif isinstance(event, CloseConnection):
+                        return
+                    elif isinstance(event, TextMessage):
+                        text.append(event.data)
+                        if event.message_finished:
+                            self._handle(decode("".join(text)), jobs)
+                            text = []
+
+    def _handle(self, message: Any, jobs: trio.Nursery) -> None:
+        if isinstance(message, Welcome):
+            self.interval = message.heartbeat_interval
+            self.welcomed.set()
+            jobs.start_soon(self._heartbeats)
+        elif isinstance(message, Job):
+            self.served += 1
+            if self.drip is None:
+                self.send(Chunk(message.job_id, Delta("ok")))
+                self.send(Done(message.job_id, "stop", Usage(1, 1)))
+            else:
+                scope = trio.CancelScope()
+                self.jobs[message.job_id] = scope
+                jobs.start_soon(self._drip, message.job_id, scope)
+        elif isinstance(message, Cancel):
+            scope = self.jobs.pop(message.job_id, None)
+            if scope is not None:
+                scope.cancel()
+
+    async def _drip(self, job_id: str, scope: trio.CancelScope) -> None:
+        assert self.drip is not None
+        with scope:
+            while True:
+                self.send(Chunk(job_id, Delta(f"S{time.time():.6f} ")))
+                await trio.sleep(self.drip)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            self.send(Heartbeat(in_flight=len(self.jobs)))
+
+    async def _writer(self, stream: trio.SocketStream) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            data, self.out = b"".join(self.out), []
+            await stream.send_all(data)
+
+
+async def start_gateway(
+    tmp: str, extra: dict[str, str]
+) -> tuple[trio.Process, str, dict[str, str]]:
+    env = {
+        **os.environ,
+        "ROUTECAT_DATABASE": f"{tmp}/scale.db",
+        "ROUTECAT_PORT": "0",
+        "ROUTECAT_RATE_LIMIT_PER_MINUTE": "100000000",
+        "ROUTECAT_QUEUE_MAX": "100000",
+        "ROUTECAT_BTC_USD": "100000",
+        **extra,
+    }
+    log = open(f"{tmp}/gateway.log", "wb")  # noqa: SIM115 - a file nobody must drain
+    gateway = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "routecat", "serve"], env=env, stderr=log
+    )
+    with trio.fail_after(60):
+        while "listening on" not in Path(f"{tmp}/gateway.log").read_text():
+            if gateway.returncode is not None:
+                raise RuntimeError(Path(f"{tmp}/gateway.log").read_text()[-2000:])
+            await trio.sleep(0.05)
+    url = Path(f"{tmp}/gateway.log").read_text().split("listening on ")[1].split()[0]
+    return gateway, url, env
+
+
+async def paying_key(url: str, env: dict[str, str]) -> str:
+    async with httpx.AsyncClient(base_url=url) as c:
+        key = (await c.post("/v1/auth/register", json={"name": "scale"})).json()["api_key"]
+    await trio.run_process(
+        [sys.executable, "-m", "routecat", "keys", "credit", key[:11], "--sats", "100000000"],
+        env=env,
+        capture_stdout=True,
+    )
+    return str(key)
+
+
+async def stop(process: trio.Process) -> None:
+    process.terminate()
+    with trio.move_on_after(20):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+
+
+async def open_stream(
+    host: str, port: int, key: str, model: str, delays: list[float], opened: Callable[[], None]
+) -> None:
+    """One streaming request over a raw socket; every stamped chunk's delay is recorded."""
+    body = json.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "max_tokens": 100,
+            "messages": [{"role": "user", "content": "hold"}],
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(head + body)
+        first = True
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise RuntimeError("the gateway ended a held stream")
+            now = time.time()
+            if first:
+                if not data.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"stream refused: {data[:300]!r}")
+                first = False
+                opened()
+            for stamp in STAMP.findall(data):
+                delays.append(now - float(stamp))
+
+
+async def bench_streams(count: int, seconds: float) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    gateway_cores, other_cores = cores()
+    os.sched_setaffinity(0, other_cores)
+    tmp = tempfile.mkdtemp(prefix="routecat-scale-")
+    gateway, url, env = await start_gateway(
+        tmp, {"ROUTECAT_INTER_TOKEN_TIMEOUT": "60", "ROUTECAT_QUEUE_TIMEOUT": "120"}
+    )
+    pin(gateway.pid, gateway_cores)
+    host, port = url.split("//")[1].split(":")
+    try:
+        key = await paying_key(url, env)
+        delays: list[float] = []
+        failures: list[str] = []
+        opened = 0
+
+        def one_opened() -> None:
+            nonlocal opened
+            opened += 1
+
+        async with trio.open_nursery() as nursery:
+            per_node = 4000
+            nodes = [
+                FakeNode(host, int(port), per_node, 10.0, "drip:1b")
+                for _ in range(-(-count // per_node) + 1)
+            ]
+            for node in nodes:
+                nursery.start_soon(node.run, nursery)
+            for node in nodes:
+                await node.welcomed.wait()
+            idle_rss = rss_mib(gateway.pid)
+            started = time.perf_counter()
+            cpu_before = cpu_seconds(gateway.pid)
+            gate = trio.Semaphore(200)  # connections being opened at once (the backlog)
+
+            async def one() -> None:
+                async with gate:
+                    done = trio.Event()
+
+                    def mark() -> None:
+                        one_opened()
+                        done.set()
+
+                    async def held() -> None:
+                        try:
+                            await open_stream(host, int(port), key, "drip:1b", delays, mark)
+                        except (OSError, RuntimeError, trio.BrokenResourceError) as exc:
+                            failures.append(f"{'open' if not done.is_set() else 'held'}: {exc}")
+                            done.set()
+
+                    nursery.start_soon(held)
+                    await done.wait()
+
+            async with trio.open_nursery() as openers:
+                for _ in range(count):
+                    openers.start_soon(one)
+            open_time = time.perf_counter() - started
+            open_cpu = cpu_seconds(gateway.pid) - cpu_before
+            print(f"{opened} streams open in {open_time:.1f} s", flush=True)
+            await trio.sleep(12)  # every stream past its first timed chunk
+            delays.clear()
+            cpu_before = cpu_seconds(gateway.pid)
+            t0 = time.perf_counter()
+            await trio.sleep(seconds)
+            held_cpu = cpu_seconds(gateway.pid) - cpu_before
+            elapsed = time.perf_counter() - t0
+            held_rss = rss_mib(gateway.pid)
+            fds = len(os.listdir(f"/proc/{gateway.pid}/fd"))
+            got = list(delays)
+            nursery.cancel_scope.cancel()
+        rows += [
+            (
+                "open streams held",
+                f"{opened - len(failures)} of {count} (gateway file descriptors: {fds})",
+            ),
+            ("streams failed", f"{len(failures)} {sorted(set(failures))[:3]}"),
+            (
+                "time to open them",
+                f"{open_time:.1f} s ({open_cpu / max(1, opened) * 1000:.2f} ms of gateway CPU each)",
+            ),
+            (
+                "gateway RSS idle / holding them",
+                f"{idle_rss:.0f} / {held_rss:.0f} MiB ({(held_rss - idle_rss) * 1024 / max(1, opened):.1f} KiB per stream)",
+            ),
+            ("chunks delivered per second while held", f"{len(got) / elapsed:.0f}"),
+            (
+                "gateway CPU while held",
+                f"{held_cpu / elapsed * 100:.1f}% of a core ({held_cpu / max(1, len(got)) * 1e6:.0f} us per chunk)",
+            ),
+            (
+                "engine chunk -> client delay p50 / p99 / max",
+                f"{pct(got, 0.5) * 1000:.1f} / {pct(got, 0.99) * 1000:.1f} / {max(got) * 1000:.1f} ms",
+            ),
+        ]
+    finally:
+        await stop(gateway)
+    return rows
+
+
+async def bench_nodes(sizes: list[int], jobs: int) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    gateway_cores, other_cores = cores()
+    os.sched_setaffinity(0, other_cores)
+    tmp = tempfile.mkdtemp(prefix="routecat-scale-")
+    gateway, url, env = await start_gateway(tmp, {})
+    pin(gateway.pid, gateway_cores)
+    host, port = url.split("//")[1].split(":")
+    try:
+        key = await paying_key(url, env)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with (
+            trio.open_nursery() as nursery,
+            httpx.AsyncClient(
+                base_url=url,
+                timeout=120,
+                limits=limits,
+                headers={"Authorization": f"Bearer {key}"},
+            ) as client,
+        ):
+            nodes: list[FakeNode] = []
+            for size in sizes:
+                started = time.perf_counter()
+                gate = trio.Semaphore(200)
+
+                async def connect(node: FakeNode) -> None:
+                    async with gate:
+                        nursery.start_soon(node.run, nursery)
+                        await node.welcomed.wait()
+
+                async with trio.open_nursery() as connecting:
+                    while len(nodes) < size:
+                        node = FakeNode(host, int(port), 4, None, "fast:1b")
+                        nodes.append(node)
+                        connecting.start_soon(connect, node)
+                took = time.perf_counter() - started
+                interval = nodes[0].interval
+                await trio.sleep(2)
+                before = cpu_seconds(gateway.pid)
+                t0 = time.perf_counter()
+                await trio.sleep(max(20.0, 2 * interval))
+                idle = (cpu_seconds(gateway.pid) - before) / (time.perf_counter() - t0)
+                served = sum(n.served for n in nodes)
+                latencies: list[float] = []
+                counter = iter(range(jobs))
+
+                async def worker() -> None:
+                    for _ in counter:
+                        t = time.perf_counter()
+                        r = await client.post(
+                            "/v1/chat/completions",
+                            json={
+                                "model": "fast:1b",
+                                "max_tokens": 10,
+                                "messages": [{"role": "user", "content": "hi"}],
+                            },
+                        )
+                        if r.status_code != 200:
+                            raise RuntimeError(f"job failed: {r.status_code} {r.text[:300]}")
+                        latencies.append(time.perf_counter() - t)
+
+                before = cpu_seconds(gateway.pid)
+                async with trio.open_nursery() as load:
+                    for _ in range(16):
+                        load.start_soon(worker)
+                per_job = (cpu_seconds(gateway.pid) - before) / jobs
+                spread = [n.served for n in nodes]
+                rows.append(
+                    (
+                        f"{size} nodes",
+                        f"connected in {took:.1f} s; idle CPU with heartbeats (every"
+                        f" {interval:g} s each way) {idle * 100:.1f}% of a core;"
+                        f" {per_job * 1000:.2f} ms of gateway CPU per job (c=16), p50"
+                        f" {pct(latencies, 0.5) * 1000:.1f} ms, p99 {pct(latencies, 0.99) * 1000:.1f} ms;"
+                        f" {sum(spread) - served} jobs over {sum(1 for n in spread if n)} nodes,"
+                        f" at most {max(spread)} on one",
+                    )
+                )
+                print(rows[-1][1], flush=True)
+            rss = rss_mib(gateway.pid)
+            rows.append((f"gateway RSS with {len(nodes)} nodes", f"{rss:.0f} MiB"))
+            nursery.cancel_scope.cancel()
+    finally:
+        await stop(gateway)
+    return rows
+
+
+def raise_fd_limit(needed: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(
+            f"the file-descriptor hard limit is {hard}; this bench needs {needed}"
+            " (raise it with ulimit -Hn as root, or use a smaller size)"
+        )
+    return hard
+
+
+async def main() -> None:
+    which = option("--scale", "all")
+    count = int(option("--streams", "10000"))
+    sizes = [int(n) for n in option("--nodes", "100,1000,10000").split(",")]
+    raise_fd_limit(max(count, max(sizes)) + 500)
+    rows: list[tuple[str, str]] = []
+    if which in ("all", "streams"):
+        rows += await bench_streams(count, float(option("--seconds", "30")))
+    if which in ("all", "nodes"):
+        rows += await bench_nodes(sizes, int(option("--jobs", "2000")))
+    print(f"\nRouteCat scale bench ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')})\n")
+    print("| measure | result |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    path = Path(option("--json", "bench-scale.json"))
+    path.write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": dict(rows)}, indent=2) + "\n"
+    )
+    print(f"\nJSON: {path.resolve()}")
+
+
+if __name__ == "__main__":
+    trio.run(main)

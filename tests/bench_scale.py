@@ -413,17 +413,22 @@ async def bench_nodes(sizes: list[int], jobs: int) -> list[tuple[str, str]]:
                         latencies.append(time.perf_counter() - t)
 
                 before = cpu_seconds(gateway.pid)
+                t0 = time.perf_counter()
                 async with trio.open_nursery() as load:
                     for _ in range(16):
                         load.start_soon(worker)
-                per_job = (cpu_seconds(gateway.pid) - before) / jobs
+                used = cpu_seconds(gateway.pid) - before
+                per_job = used / jobs
+                # The jobs' own cost: the heartbeats' CPU over the same time taken out.
+                net = (used - idle * (time.perf_counter() - t0)) / jobs
                 spread = [n.served for n in nodes]
                 rows.append(
                     (
                         f"{size} nodes",
                         f"connected in {took:.1f} s; idle CPU with heartbeats (every"
                         f" {interval:g} s each way) {idle * 100:.1f}% of a core;"
-                        f" {per_job * 1000:.2f} ms of gateway CPU per job (c=16), p50"
+                        f" {per_job * 1000:.2f} ms of gateway CPU per job (c=16;"
+                        f" {net * 1000:.2f} ms without the heartbeats' share), p50"
                         f" {pct(latencies, 0.5) * 1000:.1f} ms, p99 {pct(latencies, 0.99) * 1000:.1f} ms;"
                         f" {sum(spread) - served} jobs over {sum(1 for n in spread if n)} nodes,"
                         f" at most {max(spread)} on one",
@@ -436,6 +441,209 @@ async def bench_nodes(sizes: list[int], jobs: int) -> list[tuple[str, str]]:
     finally:
         await stop(gateway)
     return rows
+
+
+async def load(
+    url: str, keys: list[str], jobs: int, pid: int, concurrency: int = 16
+) -> tuple[float, float, float]:
+    """(gateway CPU ms per request, p50 ms, p99 ms) of ``jobs`` paid requests spread
+    over ``keys`` round robin."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    counter = iter(range(jobs))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            for n in counter:
+                t = time.perf_counter()
+                r = await client.post(
+                    "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {keys[n % len(keys)]}"},
+                    json={
+                        "model": "fast:1b",
+                        "max_tokens": 10,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
+                if r.status_code != 200:
+                    raise RuntimeError(f"request failed: {r.status_code} {r.text[:300]}")
+                latencies.append(time.perf_counter() - t)
+
+        async with trio.open_nursery() as warm:  # the keys' first use, not measured
+            for _ in range(concurrency):
+                warm.start_soon(worker)
+        counter = iter(range(jobs))
+        latencies.clear()
+        before = cpu_seconds(pid)
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+    used = cpu_seconds(pid) - before
+    return used / jobs * 1000, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000
+
+
+def credit_all(database: str, sats: int) -> None:
+    """Credit every key at once, from this process, beside the running gateway."""
+    from routecat.db.schema import open_store
+    from routecat.money.settlement import credit
+
+    store = open_store(database)
+    try:
+
+        def write(db: Any) -> None:
+            for (key_id,) in db.execute("SELECT id FROM api_keys").fetchall():
+                credit(db, int(key_id), sats * 1000, "bench", f"bench-credit:{key_id}")
+
+        store.write_sync(write)
+    finally:
+        store.close()
+
+
+def fill_ledger(database: str, postings: int) -> None:
+    """``postings`` postings (top-ups of 1,000 accounts, two postings each) written
+    straight into the ledger's tables, balances kept exact (``ledger check`` agrees)."""
+    import sqlite3
+
+    from routecat.db.schema import open_store
+
+    open_store(database).close()  # migrated
+    conn = sqlite3.connect(database)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = OFF")  # a bulk load: durability is not the point
+    now = "2026-01-01T00:00:00.000Z"
+    users = 1000
+    with conn:
+        conn.executemany(
+            "INSERT OR IGNORE INTO accounts (id, kind, created_at) VALUES (?, ?, ?)",
+            [(f"user:{u}", "user", now) for u in range(1, users + 1)]
+            + [("lightning:in", "lightning", now)],
+        )
+        start = conn.execute("SELECT COALESCE(MAX(id), 0) FROM transactions").fetchone()[0]
+        count = postings // 2
+        conn.executemany(
+            "INSERT INTO transactions (id, idempotency_key, kind, created_at)"
+            " VALUES (?, ?, 'topup', ?)",
+            ((start + i, f"bench-fill:{i}", now) for i in range(1, count + 1)),
+        )
+        conn.executemany(
+            "INSERT INTO postings (tx_id, account, amount_msat) VALUES (?, ?, ?)",
+            (
+                row
+                for i in range(1, count + 1)
+                for row in (
+                    (start + i, f"user:{i % users + 1}", 1000),
+                    (start + i, "lightning:in", -1000),
+                )
+            ),
+        )
+        conn.execute(
+            "UPDATE accounts SET balance_msat ="
+            " (SELECT COALESCE(SUM(amount_msat), 0) FROM postings WHERE account = accounts.id)"
+            " WHERE id LIKE 'user:%' OR id = 'lightning:in'"
+        )
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+async def started_in(tmp: str) -> tuple[trio.Process, str, dict[str, str], float]:
+    t = time.perf_counter()
+    gateway, url, env = await start_gateway(tmp, {"ROUTECAT_REGISTER_LIMIT_PER_HOUR": "1000000"})
+    return gateway, url, env, time.perf_counter() - t
+
+
+async def bench_growth(key_counts: list[int], postings: int, jobs: int) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    gateway_cores, other_cores = cores()
+    os.sched_setaffinity(0, other_cores)
+    tmp = tempfile.mkdtemp(prefix="routecat-growth-")
+    database = f"{tmp}/scale.db"
+
+    async def with_gateway(fn: Callable[[trio.Process, str, dict[str, str]], Any]) -> float:
+        gateway, url, env, took = await started_in(tmp)
+        pin(gateway.pid, gateway_cores)
+        host, port = url.split("//")[1].split(":")
+        node = FakeNode(host, int(port), 64, None, "fast:1b")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.run, nursery)
+                await node.welcomed.wait()
+                await fn(gateway, url, env)
+                nursery.cancel_scope.cancel()
+        finally:
+            await stop(gateway)
+        return took
+
+    async def keys_phase(gateway: trio.Process, url: str, env: dict[str, str]) -> None:
+        keys: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for _ in range(max(key_counts)):
+                r = await c.post("/v1/auth/register", json={"name": "growth"})
+                keys.append(r.json()["api_key"])
+        await trio.to_thread.run_sync(credit_all, database, 1_000_000)
+        for n in key_counts:
+            cpu, p50, p99 = await load(url, keys[:n], jobs, gateway.pid)
+            rows.append(
+                (
+                    f"{n} keys in use (c=16)",
+                    f"{cpu:.2f} ms of gateway CPU per request, p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                )
+            )
+            print(rows[-1], flush=True)
+
+    small = await with_gateway(keys_phase)
+    rows.append(("start-up (empty ledger) to listening", f"{small:.2f} s"))
+    keys_now: list[str] = []
+
+    async def one_key(gateway: trio.Process, url: str, env: dict[str, str]) -> None:
+        async with httpx.AsyncClient(base_url=url) as c:
+            keys_now.append(
+                (await c.post("/v1/auth/register", json={"name": "big"})).json()["api_key"]
+            )
+        await trio.to_thread.run_sync(credit_all, database, 1_000_000)
+        cpu, p50, p99 = await load(url, keys_now, jobs, gateway.pid)
+        rows.append(
+            (
+                f"settlement on a ledger of {before_postings:,} postings (c=16)",
+                f"{cpu:.2f} ms of gateway CPU per request, p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+            )
+        )
+        print(rows[-1], flush=True)
+
+    before_postings = count_postings(database)
+    await with_gateway(one_key)
+    t = time.perf_counter()
+    await trio.to_thread.run_sync(fill_ledger, database, postings)
+    rows.append(
+        (f"writing {postings:,} postings (bulk, for the bench)", f"{time.perf_counter() - t:.0f} s")
+    )
+    before_postings = count_postings(database)
+    big = await with_gateway(one_key)
+    rows.append((f"start-up with {before_postings:,} postings to listening", f"{big:.2f} s"))
+    env = {**os.environ, "ROUTECAT_DATABASE": database}
+    t = time.perf_counter()
+    check = await trio.run_process(
+        [sys.executable, "-m", "routecat", "ledger", "check"],
+        env=env,
+        capture_stdout=True,
+        check=False,
+    )
+    rows.append(
+        (
+            f"routecat ledger check on {count_postings(database):,} postings",
+            f"{time.perf_counter() - t:.1f} s (exit {check.returncode})",
+        )
+    )
+    return rows
+
+
+def count_postings(database: str) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(database)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -460,6 +668,10 @@ async def main() -> None:
         rows += await bench_streams(count, float(option("--seconds", "30")))
     if which in ("all", "nodes"):
         rows += await bench_nodes(sizes, int(option("--jobs", "2000")))
+    if which in ("all", "growth"):
+        keys = [int(n) for n in option("--keys", "1,100,10000").split(",")]
+        postings = int(option("--postings", "10000000"))
+        rows += await bench_growth(keys, postings, int(option("--jobs", "2000")))
     print(f"\nRouteCat scale bench ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')})\n")
     print("| measure | result |\n|---|---|")
     for name, value in rows:

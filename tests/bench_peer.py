@@ -11,6 +11,7 @@ the user + system time of the gateway's process tree, from /proc.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import statistics
@@ -91,6 +92,41 @@ async def stream_events(
     return totals, events, time.perf_counter() - start, failures
 
 
+async def body_writes(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> int:
+    """How many writes the server made for one streamed body: each write of a chunked
+    HTTP/1.1 body is one chunk on the wire, counted here over a raw socket."""
+    base = client.base_url
+    payload = json.dumps(body).encode()
+    auth = client.headers.get("Authorization")
+    head = (
+        f"POST {url} HTTP/1.1\r\nHost: {base.host}:{base.port}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        + (f"Authorization: {auth}\r\n" if auth else "")
+        + "\r\n"
+    ).encode()
+    data = b""
+    writes = 0
+    async with await trio.open_tcp_stream(base.host, base.port or 80) as stream:
+        await stream.send_all(head + payload)
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        rest = data.split(b"\r\n\r\n", 1)[1]
+        while True:  # one chunk: "size\r\n" + size bytes + "\r\n"; the last has size 0
+            while b"\r\n" not in rest:
+                rest += await stream.receive_some(65536)
+            size_line, rest = rest.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                return writes
+            while len(rest) < size + 2:
+                more = await stream.receive_some(65536)
+                if not more:
+                    raise RuntimeError("the body ended inside a chunk")
+                rest += more
+            writes += 1
+            rest = rest[size + 2 :]
+
+
 async def figures(
     client: httpx.AsyncClient, cpu: Callable[[], float] | None, n: int
 ) -> dict[str, float]:
@@ -124,6 +160,7 @@ async def figures(
         out[f"streams_per_s_c{conc}"] = len(totals) / wall
         out[f"stream_p50_ms_c{conc}"] = pct(totals, 0.5) * 1000
         out[f"stream_events_c{conc}"] = statistics.median(events) if events else 0
+    out["stream_writes"] = await body_writes(client, url, chat("long64:1b", True))
     out["failures"] = len(failures)
     if failures:
         print("failures (first 5):", failures[:5])
@@ -235,6 +272,10 @@ def ratio_rows(ours: dict[str, float], peer: dict[str, float], direct: dict[str,
         f" / {ours['stream_events_c16']:.0f} | {peer['stream_events_c1']:.0f}"
         f" / {peer['stream_events_c16']:.0f} | {direct['stream_events_c1']:.0f}"
         f" / {direct['stream_events_c16']:.0f} | |"
+    )
+    rows.append(
+        f"| body writes (HTTP chunks) per 64-token stream, c=1 | {ours['stream_writes']:.0f}"
+        f" | {peer['stream_writes']:.0f} | {direct['stream_writes']:.0f} | |"
     )
     rows.append(
         f"| failed requests | {ours['failures']:.0f} | {peer['failures']:.0f}"

@@ -128,6 +128,8 @@ async def open_gateway(
             store, config, admissions, reputation, earnings, metrics, clock, cluster.alive_others
         )
         keys = KeyRing(store, clock=clock)
+        if isinstance(store, Store):  # one process: keys read on the event loop
+            keys.peek = store.peek
         cluster.on_epoch[KEYS_EPOCH] = keys.invalidated
         cluster.on_epoch[BANS_EPOCH] = registry.close_banned
         # Jobs forwarded to other replicas stream for as long as a job runs: no read

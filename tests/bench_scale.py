@@ -366,16 +366,7 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
     host, port = url.split("//")[1].split(":")
     try:
         key = await paying_key(url, env)
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with (
-            trio.open_nursery() as nursery,
-            httpx.AsyncClient(
-                base_url=url,
-                timeout=120,
-                limits=limits,
-                headers={"Authorization": f"Bearer {key}"},
-            ) as client,
-        ):
+        async with trio.open_nursery() as nursery:
             nodes: list[FakeNode] = []
             for size in sizes:
                 started = time.perf_counter()
@@ -399,42 +390,18 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
                 await trio.sleep(max(20.0, 2 * interval))
                 idle = (cpu_seconds(gateway.pid) - before) / (time.perf_counter() - t0)
                 served = sum(n.served for n in nodes)
-                latencies: list[float] = []
-                counter = iter(range(jobs))
-
-                async def worker() -> None:
-                    for _ in counter:
-                        t = time.perf_counter()
-                        r = await client.post(
-                            "/v1/chat/completions",
-                            json={
-                                "model": "fast:1b",
-                                "max_tokens": 10,
-                                "messages": [{"role": "user", "content": "hi"}],
-                            },
-                        )
-                        if r.status_code != 200:
-                            raise RuntimeError(f"job failed: {r.status_code} {r.text[:300]}")
-                        latencies.append(time.perf_counter() - t)
-
-                before = cpu_seconds(gateway.pid)
-                t0 = time.perf_counter()
-                async with trio.open_nursery() as load:
-                    for _ in range(16):
-                        load.start_soon(worker)
-                used = cpu_seconds(gateway.pid) - before
-                per_job = used / jobs
+                per_job_ms, p50, p99, wall = await load(url, [key], jobs, gateway.pid, warm=False)
                 # The jobs' own cost: the heartbeats' CPU over the same time taken out.
-                net = (used - idle * (time.perf_counter() - t0)) / jobs
+                net_ms = per_job_ms - idle * wall / jobs * 1000
                 spread = [n.served for n in nodes]
                 rows.append(
                     (
                         f"{size} nodes",
                         f"connected in {took:.1f} s; idle CPU with heartbeats (every"
                         f" {interval:g} s each way) {idle * 100:.1f}% of a core;"
-                        f" {per_job * 1000:.2f} ms of gateway CPU per job (c=16;"
-                        f" {net * 1000:.2f} ms without the heartbeats' share), p50"
-                        f" {pct(latencies, 0.5) * 1000:.1f} ms, p99 {pct(latencies, 0.99) * 1000:.1f} ms;"
+                        f" {per_job_ms:.2f} ms of gateway CPU per job (c=16;"
+                        f" {net_ms:.2f} ms without the heartbeats' share), p50"
+                        f" {p50:.1f} ms, p99 {p99:.1f} ms;"
                         f" {sum(spread) - served} jobs over {sum(1 for n in spread if n)} nodes,"
                         f" at most {max(spread)} on one",
                     )
@@ -449,10 +416,11 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
 
 
 async def load(
-    url: str, keys: list[str], jobs: int, pid: int, concurrency: int = 16
-) -> tuple[float, float, float]:
-    """(gateway CPU ms per request, p50 ms, p99 ms) of ``jobs`` paid requests spread
-    over ``keys`` round robin."""
+    url: str, keys: list[str], jobs: int, pid: int, concurrency: int = 16, warm: bool = True
+) -> tuple[float, float, float, float]:
+    """(gateway CPU ms per request, p50 ms, p99 ms, wall seconds) of ``jobs`` paid
+    requests spread over ``keys`` round robin (after as many unmeasured, with ``warm``:
+    each key's first use)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     counter = iter(range(jobs))
@@ -474,17 +442,20 @@ async def load(
                     raise RuntimeError(f"request failed: {r.status_code} {r.text[:300]}")
                 latencies.append(time.perf_counter() - t)
 
-        async with trio.open_nursery() as warm:  # the keys' first use, not measured
-            for _ in range(concurrency):
-                warm.start_soon(worker)
-        counter = iter(range(jobs))
-        latencies.clear()
+        if warm:
+            async with trio.open_nursery() as warming:
+                for _ in range(concurrency):
+                    warming.start_soon(worker)
+            counter = iter(range(jobs))
+            latencies.clear()
         before = cpu_seconds(pid)
+        started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(worker)
+        wall = time.perf_counter() - started
     used = cpu_seconds(pid) - before
-    return used / jobs * 1000, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000
+    return used / jobs * 1000, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000, wall
 
 
 def credit_all(database: str, sats: int) -> None:
@@ -587,7 +558,7 @@ async def bench_growth(key_counts: list[int], postings: int, jobs: int) -> list[
         await trio.to_thread.run_sync(credit_all, database, 1_000_000)
         for n in key_counts:
             # Every key used in the measured phase (and once before it, not measured).
-            cpu, p50, p99 = await load(url, keys[:n], max(jobs, n), gateway.pid)
+            cpu, p50, p99, _ = await load(url, keys[:n], max(jobs, n), gateway.pid)
             rows.append(
                 (
                     f"{n} keys in use (c=16)",
@@ -606,7 +577,7 @@ async def bench_growth(key_counts: list[int], postings: int, jobs: int) -> list[
                 (await c.post("/v1/auth/register", json={"name": "big"})).json()["api_key"]
             )
         await trio.to_thread.run_sync(credit_all, database, 1_000_000)
-        cpu, p50, p99 = await load(url, keys_now, jobs, gateway.pid)
+        cpu, p50, p99, _ = await load(url, keys_now, jobs, gateway.pid)
         rows.append(
             (
                 f"settlement on a ledger of {before_postings:,} postings (c=16)",

@@ -169,19 +169,19 @@ class Admissions:
         for attempt in range(PEEK_ATTEMPTS):
             try:
                 balance, reserved = peek(lambda db: book.balance(db, account))
+                break
             except Exception as exc:  # SQLITE_BUSY during a WAL reset: rare and brief
                 if attempt == PEEK_ATTEMPTS - 1:
                     raise ServiceUnavailable(
                         "the ledger is busy; retry in a second", retry_after=1
                     ) from exc
                 await trio.sleep(0.001 * (attempt + 1))
-                continue
-            if balance - reserved - self._held.get(account, 0) <= 0:
-                return False
-            self._held[account] = self._held.get(account, 0) + amount
-            self._holds[job_id] = (account, amount)
-            return True
-        return False  # unreachable: the last attempt returns or raises
+        # No await from the read to here: no other admission saw this balance meanwhile.
+        if balance - reserved - self._held.get(account, 0) <= 0:
+            return False
+        self._held[account] = self._held.get(account, 0) + amount
+        self._holds[job_id] = (account, amount)
+        return True
 
     def settled(self, job_id: str) -> None:
         """The job's settlement committed (or it never started): its reservation ends."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -129,8 +130,7 @@ class Registry:
 
     def context_length(self, model: str) -> int | None:
         """The largest context length any node serving ``model`` reported, if any
-        (computed once per model until nodes change: every request asks)."""
-        self._serving_all(model)  # the cache below lives as long as the index
+        (computed once per model until nodes change, ``invalidate``: every request asks)."""
         if model not in self._contexts:
             lengths = [
                 n.models[model].context_length
@@ -148,10 +148,7 @@ class Registry:
         """Known: in the price catalog, or advertised by some node within 24 hours."""
         if model in self.catalog_models:
             return True
-        ours, theirs = self._serving_all(model)
-        if any(n.closed_reason is None for n in ours) or any(
-            n.closed_reason is None for n in theirs
-        ):
+        if any(n.closed_reason is None for n in itertools.chain(*self._serving_all(model))):
             return True
         seen = self.model_seen.get(model)
         return seen is not None and self.clock.wall() - seen < KNOWN_FOR

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import hypothesis.strategies as st
 import pytest
 import trio
+from hypothesis import given
 
 from owlrun.agent import Agent
 from owlrun.identity import Identity
@@ -131,3 +133,21 @@ async def test_more_tokens_than_a_frame_holds_are_split(
     wire = await run_sender(0.01, feed)
     assert tokens(wire.frames, "job-a") == ["first"] + [str(i) for i in range(MAX_BATCH + 10)]
     assert all(len(f.deltas) <= MAX_BATCH for _, f in wire.frames if isinstance(f, Chunks))
+
+
+@given(st.text(max_size=20))
+def test_the_batch_window_option_takes_only_0_to_100_ms(text: str) -> None:
+    from owlrun.cli import build_parser
+
+    parser = build_parser()
+    try:
+        wanted = float(text)
+    except ValueError:
+        wanted = None
+    if wanted is not None and 0 <= wanted <= 100:
+        args = parser.parse_args(["--gateway", "http://g", "--batch-window-ms", text])
+        assert args.batch_window_ms == wanted
+    else:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--gateway", "http://g", "--batch-window-ms", text])
+    assert parser.parse_args(["--gateway", "http://g"]).batch_window_ms == 5.0

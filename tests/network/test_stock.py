@@ -9,6 +9,7 @@ import logging
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -121,15 +122,22 @@ async def test_a_node_id_is_bound_to_its_key(nursery: trio.Nursery, tmp_path: Pa
             assert_error(stranger, 404, "not_found")
 
 
+async def stock_beside_native(nursery: trio.Nursery, net: Any, **behaviour: Any) -> StockAgent:
+    """A stock agent (``behaviour``: how it misbehaves) online first, then a native node
+    with one slot, both over the same engine."""
+    engine = await start_engine(nursery, Knobs())
+    agent = StockAgent(net.url, engine.url, [MODEL], **behaviour)
+    await nursery.start(agent.run)
+    await wait_for(lambda: agent.node_id in net.gateway.gw.registry.nodes, timeout=10)
+    await start_node(nursery, net.url, engine, max_jobs=1)
+    return agent
+
+
 async def test_a_reject_fails_over_to_a_native_node(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(40):
         net = await compat_network(nursery, tmp_path, free_daily_requests="0")
-        engine = await start_engine(nursery, Knobs())
-        refuser = StockAgent(net.url, engine.url, [MODEL], reject_all=True)
-        await nursery.start(refuser.run)
-        await wait_for(lambda: refuser.node_id in net.gateway.gw.registry.nodes, timeout=10)
         # One slot each: the two are equally loaded, so the refuser is picked first.
-        await start_node(nursery, net.url, engine, max_jobs=1)
+        refuser = await stock_beside_native(nursery, net, reject_all=True)
         # The refuser rejects, and the job moves on to the native node.
         async with net.client() as c:
             for i in range(4):
@@ -209,11 +217,7 @@ async def test_a_fetch_that_never_comes_fails_over_to_a_native_node(
         net = await compat_network(
             nursery, tmp_path, free_daily_requests="0", compat_fetch_timeout="0.5"
         )
-        engine = await start_engine(nursery, Knobs())
-        mute = StockAgent(net.url, engine.url, [MODEL], fetch=False)
-        await nursery.start(mute.run)
-        await wait_for(lambda: mute.node_id in net.gateway.gw.registry.nodes, timeout=10)
-        await start_node(nursery, net.url, engine, max_jobs=1)
+        mute = await stock_beside_native(nursery, net, fetch=False)
         async with net.client() as c:
             for i in range(3):
                 r = await c.post("/v1/chat/completions", json=chat(f"go {i}"))

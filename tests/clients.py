@@ -51,3 +51,16 @@ async def topup(c: httpx.AsyncClient, sats: int) -> dict[str, Any]:
     r = await c.post("/v1/auth/topup", json={"amount_sats": sats})
     assert r.status_code == 200, r.text
     return dict(r.json())
+
+
+async def ask_both_ways(client: Any, model: str, messages: list[dict[str, Any]]) -> tuple[Any, str]:
+    """One greedy question to an ``openai.AsyncOpenAI`` client, asked twice: the
+    non-stream response, and the text of the same question streamed."""
+    r = await client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=20
+    )
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=20, stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    return r, text

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from routecat.demo import DEMO_SATS, MODEL_NAME, QUESTION
+from tests.clients import ask_both_ways
 from tests.demo_process import start_demo
 from tests.procs import alive
 
@@ -34,14 +35,8 @@ async def test_the_demo_answers_paris_from_a_real_model(
             base_url=demo.url + "/v1", api_key=demo.key, max_retries=0, timeout=120
         )
         question = [{"role": "user", "content": QUESTION}]
-        r = await client.chat.completions.create(
-            model=MODEL_NAME, messages=question, temperature=0, max_tokens=20
-        )  # type: ignore[arg-type]
+        r, text = await ask_both_ways(client, MODEL_NAME, question)
         assert "Paris" in (r.choices[0].message.content or "")
-        stream = await client.chat.completions.create(
-            model=MODEL_NAME, messages=question, temperature=0, max_tokens=20, stream=True
-        )  # type: ignore[arg-type]
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert "Paris" in text
         await client.close()
         async with httpx.AsyncClient(base_url=demo.url) as c:

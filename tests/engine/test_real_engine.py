@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from tests.clients import read_sse, text_of
+from tests.clients import ask_both_ways, read_sse, text_of
 from tests.engine.engines import SMOL, SMOL_EMBED, TINY, Engine
 from tests.fakes import FakeEngine
 from tests.servers import Network, start_network, start_node
@@ -80,15 +80,9 @@ async def test_smollm2_answers_through_the_gateway(
         question = [
             {"role": "user", "content": "What is the capital of France? Answer in one word."}
         ]
-        r = await client.chat.completions.create(
-            model=SMOL, messages=question, temperature=0, max_tokens=20
-        )  # type: ignore[arg-type]
+        r, text = await ask_both_ways(client, SMOL, question)
         assert "Paris" in (r.choices[0].message.content or "")
         assert r.usage is not None and r.usage.completion_tokens > 0
-        stream = await client.chat.completions.create(
-            model=SMOL, messages=question, temperature=0, max_tokens=20, stream=True
-        )  # type: ignore[arg-type]
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert "Paris" in text
         await client.close()
 

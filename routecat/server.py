@@ -24,6 +24,7 @@ import trio
 from ledger.store import Storage
 from routecat.api.admin import create_admin_app, prepare_socket, secure_socket, socket_path
 from routecat.api.app import create_app
+from routecat.api.asgi import CompletionRoutes
 from routecat.config import Config
 from routecat.db import schema
 from routecat.gateway import Gateway, open_gateway
@@ -93,7 +94,7 @@ async def serve_gateway(
 
         async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await hypercorn.trio.serve(
-                app,
+                CompletionRoutes(app, gw),  # type: ignore[arg-type]
                 hypercorn_config(config),
                 shutdown_trigger=http_stop.wait,
                 task_status=task_status,

@@ -25,7 +25,6 @@ from werkzeug.exceptions import MethodNotAllowed as MethodNotAllowedHTTP
 from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.api.accounts import register_accounts
-from routecat.api.completions import serve_completion
 from routecat.api.embeddings import register_embeddings
 from routecat.api.errors import FROM_STATUS
 from routecat.api.http import (
@@ -121,14 +120,6 @@ def create_app(gw: Gateway) -> App:
         )
 
     app.register_blueprint(create_web(gw))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        return await serve_completion(gw, "chat")
-
-    @app.post("/v1/completions")
-    async def completions() -> Response:
-        return await serve_completion(gw, "completion")
 
     @app.websocket(WS_PATH)
     async def node_socket() -> None:

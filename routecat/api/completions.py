@@ -6,24 +6,32 @@ statuses. Once streaming, an error is one ``data: {"error": ...}`` event and the
 stream ends without ``[DONE]`` or ``finish_reason: "stop"``. The view is a thin pump
 over the job's event channel; whatever ends the response (including the client
 leaving) cancels the job through its handle, and the scheduler settles it.
+
+Nothing here speaks HTTP: ``routecat.api.asgi`` serves these two routes as plain ASGI
+(they carry nearly all the traffic) with the bodies and headers built here.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
-from quart import Response, request
 
 from owlrun.protocol import Delta
 from routecat import errors
 from routecat.api.errors import error_body
-from routecat.api.http import json_response, on_exchange_end, read_json
-from routecat.api.schema import ChatCompletionRequest, CompletionRequest, converter, parse_request
+from routecat.api.http import on_exchange_end
+from routecat.api.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    converter,
+    decode_json,
+    parse_request,
+)
 from routecat.gateway import Gateway
 from routecat.network.jobs import Bill, Event, Failure, Final, JobKind, JobSpec, mint_job_id
 from routecat.network.measure import measure_prompt
@@ -58,14 +66,18 @@ def usage_body(bill: Bill) -> dict[str, int]:
 
 
 async def open_job(
-    gw: Gateway, kind: JobKind
+    gw: Gateway,
+    kind: JobKind,
+    authorization: str | None,
+    read_body: Callable[[], Awaitable[bytes]],
 ) -> tuple[JobHandle, ChatCompletionRequest | CompletionRequest]:
-    key = await gw.keys.authenticate(request.headers.get("Authorization"))
+    """Authenticate, limit, read the body (``read_body``), validate, admit and start."""
+    key = await gw.keys.authenticate(authorization)
     await gw.request_limit.acquire(f"key:{key.id}")
     cls: type[ChatCompletionRequest | CompletionRequest] = (
         ChatCompletionRequest if kind == "chat" else CompletionRequest
     )
-    body = parse_request(cls, await read_json())
+    body = parse_request(cls, decode_json(await read_body()))
     if body.n is not None and body.n != 1:
         raise errors.InvalidRequest("only n=1 is supported", param="n")
     if isinstance(body, CompletionRequest) and body.echo:
@@ -179,12 +191,12 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_response(
+def stream_body(
     gw: Gateway, handle: JobHandle, body: ChatCompletionRequest | CompletionRequest
-) -> Response:
+) -> AsyncIterator[bytes]:
+    """The job's events as the OpenAI SSE body."""
     shape = _Shape(handle, handle.spec.kind)
     include_usage = body.include_usage
-    keepalive = gw.config.keepalive_interval
 
     def render(event: Event) -> tuple[bytes, bool]:
         """One event as SSE bytes, and whether the stream ends with it."""
@@ -201,20 +213,12 @@ def stream_response(
             return _sse(chunk) + usage + b"data: [DONE]\n\n", True
         return _sse(error_body(event.error)), True
 
-    # The job ended without a final event (shutdown): an error, and no [DONE].
-    def stopped() -> bytes:
-        return _sse(
-            error_body(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5))
-        )
+    return sse_events(handle, render, stopped_event, gw.config.keepalive_interval)
 
-    response = Response(
-        sse_events(handle, render, stopped, keepalive),
-        status=200,
-        content_type="text/event-stream",
-        headers={**SSE_HEADERS, **free_header(handle)},
-    )
-    response.timeout = None
-    return response
+
+def stopped_event() -> bytes:
+    """The job ended without a final event (shutdown): an error, and no [DONE]."""
+    return _sse(error_body(errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)))
 
 
 async def sse_events(
@@ -263,9 +267,8 @@ async def sse_events(
             return
 
 
-async def collect_response(
-    handle: JobHandle, body: ChatCompletionRequest | CompletionRequest
-) -> Response:
+async def collect_body(handle: JobHandle) -> tuple[dict[str, Any], dict[str, str]]:
+    """The whole answer and its headers, once the job is done; its error if it failed."""
     shape = _Shape(handle, handle.spec.kind)
     text: list[str] = []
     reasoning: list[str] = []
@@ -293,7 +296,10 @@ async def collect_response(
                     slot["function"]["arguments"] += fn["arguments"]
         elif isinstance(event, Final):
             message = Collected("".join(text), "".join(reasoning), "".join(refusal), calls)
-            return _complete(shape, message, event, free_header(handle))
+            return _complete(shape, message, event), {
+                "X-RouteCat-Cost-Msat": str(event.bill.cost_msat),
+                **free_header(handle),
+            }
         elif isinstance(event, Failure):
             raise event.error
     raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
@@ -318,7 +324,7 @@ def free_header(handle: JobHandle) -> dict[str, str]:
     return headers
 
 
-def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, str]) -> Response:
+def _complete(shape: _Shape, got: Collected, final: Final) -> dict[str, Any]:
     if shape.kind == "completion":
         choice: dict[str, Any] = {
             "index": 0,
@@ -344,7 +350,7 @@ def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, st
             "finish_reason": final.finish_reason,
         }
         obj = "chat.completion"
-    body = {
+    return {
         "id": shape.id,
         "object": obj,
         "created": shape.created,
@@ -353,13 +359,3 @@ def _complete(shape: _Shape, got: Collected, final: Final, headers: dict[str, st
         "choices": [choice],
         "usage": usage_body(final.bill),
     }
-    return json_response(
-        body, headers={"X-RouteCat-Cost-Msat": str(final.bill.cost_msat), **headers}
-    )
-
-
-async def serve_completion(gw: Gateway, kind: JobKind) -> Response:
-    handle, body = await open_job(gw, kind)
-    if body.stream:
-        return stream_response(gw, handle, body)
-    return await collect_response(handle, body)

@@ -5,6 +5,7 @@ Tree (transport-only errors; the domain's are in ``routecat.errors``)::
 
     RequestError (routecat.errors)
     ├── MethodNotAllowed            a route that exists, with another method
+    ├── RequestTimeout              a body that did not arrive in time
     └── RequestTooLarge             a body over the configured limit
     ValueError
     └── FieldError                  a request field out of bounds (becomes InvalidRequest)
@@ -20,6 +21,10 @@ from routecat import errors
 
 class MethodNotAllowed(errors.RequestError):
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(errors.RequestError):
+    default_code = "request_timeout"
 
 
 class RequestTooLarge(errors.RequestError):
@@ -41,6 +46,7 @@ STATUS: dict[type[errors.RequestError], tuple[int, str]] = {
     errors.InsufficientBalance: (402, "insufficient_quota"),
     errors.NotFound: (404, "invalid_request_error"),
     MethodNotAllowed: (405, "invalid_request_error"),
+    RequestTimeout: (408, "invalid_request_error"),
     RequestTooLarge: (413, "invalid_request_error"),
     errors.RateLimited: (429, "rate_limit_error"),
     errors.UpstreamError: (502, "api_error"),
@@ -53,6 +59,7 @@ FROM_STATUS: dict[int, type[errors.RequestError]] = {
     400: errors.InvalidRequest,
     404: errors.NotFound,
     405: MethodNotAllowed,
+    408: RequestTimeout,
     413: RequestTooLarge,
 }
 

@@ -8,10 +8,12 @@ connections.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
 
 import trio
 from quart import (
@@ -60,29 +62,19 @@ def preflight_headers(request_headers: Any) -> dict[str, str]:
     return PREFLIGHT_HEADERS
 
 
-EXCHANGE_END = "routecat.on_exchange_end"
+# The callbacks that run when the current HTTP exchange ends (see ``App.exchange``);
+# the tasks an exchange starts inherit the list.
+_EXCHANGE_END: ContextVar[list[Callable[[], None]]] = ContextVar("routecat_exchange_end")
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, plus callbacks that run whatever ends the exchange:
-    the response sent, the client gone while the view ran, or while the response was
-    starting (where no body iterator ever runs its ``finally``)."""
+    """Quart-Trio's HTTP connection, counted as an exchange (``App.exchange``)."""
 
     app: App
 
     async def __call__(self, receive: Any, send: Any) -> None:
-        callbacks: list[Callable[[], None]] = []
-        cast(dict[str, Any], self.scope)[EXCHANGE_END] = callbacks
-        self.app.exchanges += 1
-        try:
+        with self.app.exchange():
             await super().__call__(receive, send)
-        finally:
-            for callback in callbacks:
-                callback()
-            self.app.exchanges -= 1
-            if not self.app.exchanges:
-                self.app.quiet.set()
-                self.app.quiet = trio.Event()
 
 
 class App(QuartTrio):
@@ -96,6 +88,26 @@ class App(QuartTrio):
         self.exchanges = 0
         self.quiet = trio.Event()
 
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[None]:
+        """One HTTP exchange in progress; the callbacks given to ``on_exchange_end``
+        inside it run whatever ends it: the response sent, the client gone while the
+        view ran, or while the response was starting (where no body iterator ever runs
+        its ``finally``)."""
+        callbacks: list[Callable[[], None]] = []
+        token = _EXCHANGE_END.set(callbacks)
+        self.exchanges += 1
+        try:
+            yield
+        finally:
+            for callback in callbacks:
+                callback()
+            _EXCHANGE_END.reset(token)
+            self.exchanges -= 1
+            if not self.exchanges:
+                self.quiet.set()
+                self.quiet = trio.Event()
+
     async def wait_quiet(self) -> None:
         """Return once no HTTP exchange is in progress."""
         while self.exchanges:
@@ -104,7 +116,7 @@ class App(QuartTrio):
 
 def on_exchange_end(callback: Callable[[], None]) -> None:
     """Run ``callback`` (synchronous, must not raise) when this HTTP exchange ends."""
-    cast(dict[str, Any], request.scope)[EXCHANGE_END].append(callback)
+    _EXCHANGE_END.get().append(callback)
 
 
 def error_response(exc: errors.RequestError) -> Response:

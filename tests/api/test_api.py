@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -257,6 +258,69 @@ async def test_trusted_proxy_sets_client_ip(nursery: trio.Nursery, tmp_path: Pat
             assert_error(r, 429, "rate_limit_exceeded")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_completion_routes_keep_every_http_rule(
+    client: httpx.AsyncClient, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The completions routes are served as plain ASGI in front of the app
+    (``routecat.api.asgi``): the app's rules still hold on them."""
+    with trio.fail_after(30):
+        key = await register(client)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {**CHAT, "prompt": "hi"}
+        # Request id echoed when sane, made up when not; CORS on errors; counted.
+        r = await client.post(path, json=body, headers={**auth, "X-Request-Id": "abc-123"})
+        assert_error(r, 404, "model_not_found")
+        assert r.headers["x-request-id"] == "abc-123"
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "X-RouteCat-Cost-Msat" in r.headers["access-control-expose-headers"]
+        assert r.headers["connection"] == "close"  # an error for a request with a body
+        r = await client.post(path, json=body, headers={**auth, "X-Request-Id": "bad id"})
+        assert r.headers["x-request-id"].startswith("req_")
+        # A chunked body is read like any other.
+        chunks = [
+            b'{"model": "nope:1b", ',
+            b'"messages": [{"role": "user", "content": "x"}], ',
+            b'"prompt": "x"}',
+        ]
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        r = await client.post(path, content=chunked(), headers=auth)
+        assert_error(r, 404, "model_not_found")
+        # Another method: 405 naming what is allowed; a preflight still answers.
+        r = await client.get(path)
+        assert_error(r, 405, "method_not_allowed")
+        assert r.headers["allow"] == "OPTIONS, POST"
+        assert r.headers["x-request-id"].startswith("req_")
+        assert (await client.options(path)).status_code == 204
+        # Past the body limit: 413, and the connection is closed.
+        r = await client.post(path, content=b"x" * (10 * 1024 * 1024), headers=auth)
+        assert_error(r, 413, "request_too_large")
+        assert r.headers["connection"] == "close"
+        text = (await client.get("/metrics")).text
+        assert f'route="{path}",status="404"' in text.replace('method="POST",', "")
+    # A body that never arrives whole: 408 once the body timeout passes.
+    monkeypatch.setattr("routecat.api.asgi.BODY_TIMEOUT", 0.5)
+    host, port = client.base_url.host, client.base_url.port
+    assert port is not None
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Length: 100\r\n\r\n{".encode()
+        )
+        answer = b""
+        while part := await stream.receive_some():  # closed after the error
+            answer += part
+        await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"connection: close" in answer
+    assert b'"code":"request_timeout"' in answer
+
+
 async def test_cors_preflight_and_headers(client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         r = await client.options(
@@ -462,10 +526,11 @@ async def test_openapi_documents_every_public_route(gateway: Running) -> None:
     import yaml
 
     from routecat.api.app import create_app
+    from routecat.api.asgi import ROUTES
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
     app = create_app(gateway.gw)
-    routes = set()
+    routes = set(ROUTES)  # served as plain ASGI in front of the app
     for rule in app.url_map.iter_rules():
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         if (

@@ -159,7 +159,10 @@ class Resolver:
         if not self.base_url_override:
             return False
         ours = urllib.parse.urlsplit(self.base_url_override)
-        theirs = urllib.parse.urlsplit(url)
+        try:
+            theirs = urllib.parse.urlsplit(url)
+        except ValueError:  # a malformed callback: refused as such by ``_get_json``
+            return False
         return (ours.scheme, ours.netloc) == (theirs.scheme, theirs.netloc)
 
     def address_url(self, address: str) -> str:

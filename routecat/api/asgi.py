@@ -1,0 +1,231 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions`` as plain ASGI, in front
+of the Quart-Trio app, which serves every other route.
+
+These two routes carry nearly all of the traffic, and Quart's request and response
+objects, hooks, router and second task cost about as much as the rest of a request.
+The handler here keeps every rule the app's hooks keep for the other routes:
+``X-Request-Id`` on every response, the CORS headers of ``/v1/*``, the request metrics
+and the access log line, every error in the OpenAI shape (never a traceback), 413 past
+the body limit, 408 when the body does not arrive, ``Connection: close`` on an error
+for a request that carried a body, 405 (with ``Allow``) for another method; a
+preflight (``OPTIONS``) goes to the app. The exchange is counted like the app's
+(``App.exchange``), and a client that leaves at any moment after its body arrived
+cancels the exchange, and with it the job (``completions.start_job``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from routecat import errors
+from routecat.api.completions import (
+    SSE_HEADERS,
+    collect_body,
+    free_header,
+    open_job,
+    stream_body,
+)
+from routecat.api.errors import (
+    MethodNotAllowed,
+    RequestTimeout,
+    RequestTooLarge,
+    error_body,
+    error_headers,
+    status_of,
+)
+from routecat.api.http import CORS_HEADERS, REQUEST_ID, App
+from routecat.gateway import Gateway
+from routecat.network.jobs import JobKind
+
+log = logging.getLogger("routecat.http")
+
+ROUTES: dict[str, JobKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+BODY_TIMEOUT = 60.0
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Headers = list[tuple[bytes, bytes]]
+
+
+def _encoded(headers: dict[str, str]) -> Headers:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+_CORS = _encoded(CORS_HEADERS)
+_SSE = [(b"content-type", b"text/event-stream"), *_encoded(SSE_HEADERS)]
+
+
+class _ClientGone(Exception):
+    """The client left before its body arrived whole: there is no one to answer."""
+
+
+@attrs.define(eq=False)
+class _Exchange:
+    """One request on these routes: what its answer needs from the request's headers,
+    and the response's start (which is when it is counted and logged)."""
+
+    gw: Gateway
+    scope: dict[str, Any]
+    send: Send
+    request_id: str
+    authorization: str | None
+    content_length: int | None
+    has_body: bool
+    started: float = attrs.Factory(time.perf_counter)
+    status: int = 0
+
+    @classmethod
+    def of(cls, gw: Gateway, scope: dict[str, Any], send: Send) -> _Exchange:
+        request_id = authorization = transfer = None
+        length: int | None = None
+        for name, value in scope["headers"]:  # the first of each, like the app's
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"x-request-id" and request_id is None:
+                request_id = value.decode("latin-1")
+            elif name == b"content-length" and length is None:
+                length = int(value) if value.isdigit() else 0
+            elif name == b"transfer-encoding" and transfer is None:
+                transfer = value.decode("latin-1")
+        if request_id is None or not REQUEST_ID.fullmatch(request_id):
+            request_id = "req_" + secrets.token_hex(8)
+        has_body = bool(length) or "chunked" in (transfer or "")
+        return cls(gw, scope, send, request_id, authorization, length, has_body)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.status = status
+        elapsed = time.perf_counter() - self.started
+        method, path = self.scope["method"], self.scope["path"]
+        self.gw.metrics.requests.labels(path, method, str(status)).inc()
+        self.gw.metrics.latency.labels(path).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %d %.1fms",
+                method,
+                path,
+                status,
+                elapsed * 1000,
+                extra={"request_id": self.request_id},
+            )
+        headers += [(b"x-request-id", self.request_id.encode()), *_CORS]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, *, more: bool) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def answer(self, status: int, body: Any, headers: dict[str, str]) -> None:
+        data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+        await self.start(status, head + _encoded(headers))
+        await self.body(data, more=False)
+
+    async def error(self, exc: errors.RequestError, headers: dict[str, str] | None = None) -> None:
+        """The OpenAI error shape. A request that carried a body is answered with
+        ``Connection: close``: the error may have come before the body was read whole,
+        and an unread rest would make the connection unusable for the next request."""
+        extra = {**error_headers(exc), **(headers or {})}
+        if self.has_body:
+            extra["Connection"] = "close"
+        await self.answer(status_of(exc)[0], error_body(exc), extra)
+
+
+@attrs.define(eq=False)
+class CompletionRoutes:
+    """The ASGI application hypercorn serves: the completions routes here; the rest
+    (lifespan, websockets, preflights, every other path) in ``app``."""
+
+    app: App
+    gw: Gateway
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
+            return
+        with self.app.exchange():
+            exchange = _Exchange.of(self.gw, scope, send)
+            if scope["method"] == "POST":
+                await self._serve(kind, exchange, receive)
+            else:
+                wrong = MethodNotAllowed(
+                    f"method {scope['method']} is not allowed on {scope['path']}"
+                )
+                await exchange.error(wrong, {"Allow": "OPTIONS, POST"})
+
+    async def _serve(self, kind: JobKind, exchange: _Exchange, receive: Receive) -> None:
+        gw = self.gw
+        async with trio.open_nursery() as nursery:
+
+            async def read_body() -> bytes:
+                data = await _read_body(receive, exchange.content_length, gw.config.max_body_bytes)
+                # From here on, a client that leaves ends the exchange and its job,
+                # whether the job is being admitted, queued, running or streaming.
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+                return data
+
+            try:
+                handle, body = await open_job(gw, kind, exchange.authorization, read_body)
+                if body.stream:
+                    await exchange.start(200, _SSE + _encoded(free_header(handle)))
+                    async with contextlib.aclosing(stream_body(gw, handle, body)) as events:
+                        async for data in events:
+                            await exchange.body(data, more=True)
+                    await exchange.body(b"", more=False)
+                else:
+                    answer, headers = await collect_body(handle)
+                    await exchange.answer(200, answer, headers)
+            except errors.RequestError as exc:
+                if exchange.status:
+                    raise  # cannot happen: a stream's errors are events
+                await exchange.error(exc)
+            except _ClientGone:
+                pass
+            except Exception as exc:
+                if exchange.status:
+                    raise  # the response has started: hypercorn ends the connection
+                log.error(
+                    "unhandled error in POST %s",
+                    exchange.scope["path"],
+                    exc_info=exc,
+                    extra={"request_id": exchange.request_id},
+                )
+                await exchange.error(errors.RequestError("internal error; the request id names it"))
+            nursery.cancel_scope.cancel()
+
+
+async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes:
+    """The whole request body: 413 past ``limit`` (at once when ``Content-Length``
+    says so), 408 when it does not arrive within ``BODY_TIMEOUT``."""
+    too_large = RequestTooLarge(f"request body larger than {limit} bytes")
+    if length is not None and length > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    with trio.move_on_after(BODY_TIMEOUT):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+    raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g}s")
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()

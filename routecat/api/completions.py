@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -193,7 +193,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def stream_body(
     gw: Gateway, handle: JobHandle, body: ChatCompletionRequest | CompletionRequest
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The job's events as the OpenAI SSE body."""
     shape = _Shape(handle, handle.spec.kind)
     include_usage = body.include_usage
@@ -226,7 +226,7 @@ async def sse_events(
     render: Callable[[Event], tuple[bytes, bool]],
     stopped: Callable[[], bytes],
     keepalive: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """A job's events as an SSE body: ``render`` turns each event into bytes (and says
     whether it ends the stream); events that arrived together leave in one write; a
     comment line every ``keepalive`` seconds while the engine is silent; ``stopped``

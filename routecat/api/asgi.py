@@ -29,9 +29,10 @@ import trio
 from routecat import errors
 from routecat.api.completions import (
     SSE_HEADERS,
-    collect_body,
+    Collector,
     free_header,
-    open_job,
+    prepare_job,
+    start_job,
     stream_body,
 )
 from routecat.api.errors import (
@@ -42,7 +43,7 @@ from routecat.api.errors import (
     error_headers,
     status_of,
 )
-from routecat.api.http import CORS_HEADERS, REQUEST_ID, App
+from routecat.api.http import CORS_HEADERS, REQUEST_ID, App, end_exchange
 from routecat.gateway import Gateway
 from routecat.network.jobs import JobKind
 
@@ -173,15 +174,19 @@ class CompletionRoutes:
                 return data
 
             try:
-                handle, body = await open_job(gw, kind, exchange.authorization, read_body)
+                spec, body = await prepare_job(gw, kind, exchange.authorization, read_body)
                 if body.stream:
+                    handle = await start_job(gw, spec)
                     await exchange.start(200, _SSE + _encoded(free_header(handle)))
                     async with contextlib.aclosing(stream_body(gw, handle, body)) as events:
                         async for data in events:
                             await exchange.body(data, more=True)
                     await exchange.body(b"", more=False)
                 else:
-                    answer, headers = await collect_body(handle)
+                    # The job runs in this task: one task and one channel fewer.
+                    collector = Collector()
+                    handle = await start_job(gw, spec, collector.add)
+                    answer, headers = collector.answer(handle)
                     await exchange.answer(200, answer, headers)
             except errors.RequestError as exc:
                 if exchange.status:
@@ -228,4 +233,7 @@ async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes:
 async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    # The exchange ends: its callbacks first (a job learns that its client is gone,
+    # not that the gateway is stopping), then whatever the exchange is doing stops.
+    end_exchange()
     scope.cancel()

@@ -65,13 +65,13 @@ def usage_body(bill: Bill) -> dict[str, int]:
     }
 
 
-async def open_job(
+async def prepare_job(
     gw: Gateway,
     kind: JobKind,
     authorization: str | None,
     read_body: Callable[[], Awaitable[bytes]],
-) -> tuple[JobHandle, ChatCompletionRequest | CompletionRequest]:
-    """Authenticate, limit, read the body (``read_body``), validate, admit and start."""
+) -> tuple[JobSpec, ChatCompletionRequest | CompletionRequest]:
+    """Authenticate, limit, read the body (``read_body``) and validate: the job to start."""
     key = await gw.keys.authenticate(authorization)
     await gw.request_limit.acquire(f"key:{key.id}")
     cls: type[ChatCompletionRequest | CompletionRequest] = (
@@ -100,29 +100,46 @@ async def open_job(
         requested_max_tokens=body.requested_max_tokens,
         prompt_bytes=prompt.bytes,
     )
-    return await start_job(gw, spec), body
+    return spec, body
 
 
-async def start_job(gw: Gateway, spec: JobSpec) -> JobHandle:
-    """Admit ``spec`` and start it; the job ends with the HTTP exchange at the latest."""
+async def start_job(
+    gw: Gateway, spec: JobSpec, sink: Callable[[Event], None] | None = None
+) -> JobHandle:
+    """Admit ``spec`` and start it; the job ends with the HTTP exchange at the latest.
+
+    Without ``sink``, the job runs in the scheduler's task and this returns at once
+    with its handle (read ``handle.events``). With ``sink``, it runs in this task and
+    this returns when it has ended, every event handed to ``sink``."""
     # Admission is a few milliseconds of database writes whose outcome must be known:
-    # shielded, so that a client leaving meanwhile is noticed in ``submit`` below,
+    # shielded, so that a client leaving meanwhile is noticed in the scheduler below,
     # which gives the reservation and the free request back.
     with trio.CancelScope(shield=True):
         spec = await gw.admissions.admit(spec)
+    handle: JobHandle | None = None
+
+    def started(job: JobHandle) -> None:
+        nonlocal handle
+        handle = job
+        # Whatever ends the HTTP exchange (the response sent, the client gone at any
+        # moment, even before the response starts), the job is cancelled if running.
+        on_exchange_end(lambda: job.cancel_nowait("client_gone"))
+
     try:
         # A client that left during admission is noticed here, before any dispatch.
         await trio.lowlevel.checkpoint_if_cancelled()
-        handle = await gw.scheduler.submit(spec)
+        if sink is None:
+            started(await gw.scheduler.submit(spec))
+        else:
+            await gw.scheduler.run_here(spec, sink, started)
     except BaseException:
-        # No job started (404/503, or the client left while queued): give the
-        # reservation and the free request back, even while being cancelled.
-        with trio.move_on_after(10, shield=True):
-            await gw.admissions.release(spec)
+        if handle is None:
+            # No job started (404/503, or the client left while queued): give the
+            # reservation and the free request back, even while being cancelled.
+            with trio.move_on_after(10, shield=True):
+                await gw.admissions.release(spec)
         raise
-    # Whatever ends the HTTP exchange (the response sent, the client gone at any
-    # moment, even before the response starts), the job is cancelled if still running.
-    on_exchange_end(lambda: handle.cancel_nowait("client_gone"))
+    assert handle is not None
     return handle
 
 
@@ -267,23 +284,32 @@ async def sse_events(
             return
 
 
-async def collect_body(handle: JobHandle) -> tuple[dict[str, Any], dict[str, str]]:
-    """The whole answer and its headers, once the job is done; its error if it failed."""
-    shape = _Shape(handle, handle.spec.kind)
-    text: list[str] = []
-    reasoning: list[str] = []
-    refusal: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    async for event in handle.events:
-        if isinstance(event, Delta):
+@attrs.define(eq=False)
+class Collector:
+    """A job's events gathered into the whole answer (a response that is not a stream):
+    ``add`` is the job's sink, ``answer`` the body and headers once it has ended."""
+
+    text: list[str] = attrs.Factory(list)
+    reasoning: list[str] = attrs.Factory(list)
+    refusal: list[str] = attrs.Factory(list)
+    calls: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    final: Final | None = None
+    failure: Failure | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Final):
+            self.final = event
+        elif isinstance(event, Failure):
+            self.failure = event
+        else:
             if event.content:
-                text.append(event.content)
+                self.text.append(event.content)
             if event.reasoning:
-                reasoning.append(event.reasoning)
+                self.reasoning.append(event.reasoning)
             if event.refusal:
-                refusal.append(event.refusal)
+                self.refusal.append(event.refusal)
             for call in event.tool_calls or ():
-                slot = calls.setdefault(
+                slot = self.calls.setdefault(
                     call["index"],
                     {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                 )
@@ -294,23 +320,15 @@ async def collect_body(handle: JobHandle) -> tuple[dict[str, Any], dict[str, str
                     slot["function"]["name"] += fn["name"]
                 if fn.get("arguments"):
                     slot["function"]["arguments"] += fn["arguments"]
-        elif isinstance(event, Final):
-            message = Collected("".join(text), "".join(reasoning), "".join(refusal), calls)
-            return _complete(shape, message, event), {
-                "X-RouteCat-Cost-Msat": str(event.bill.cost_msat),
-                **free_header(handle),
-            }
-        elif isinstance(event, Failure):
-            raise event.error
-    raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
 
-
-@attrs.frozen
-class Collected:
-    text: str
-    reasoning: str
-    refusal: str
-    calls: dict[int, dict[str, Any]]
+    def answer(self, handle: JobHandle) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body and headers of the ended job; its error if it failed."""
+        if self.failure is not None:
+            raise self.failure.error
+        if self.final is None:  # ended without a final event: the gateway stopped it
+            raise errors.ServiceUnavailable("the gateway stopped the job", retry_after=5)
+        headers = {"X-RouteCat-Cost-Msat": str(self.final.bill.cost_msat), **free_header(handle)}
+        return _complete(_Shape(handle, handle.spec.kind), self, self.final), headers
 
 
 def free_header(handle: JobHandle) -> dict[str, str]:
@@ -324,11 +342,13 @@ def free_header(handle: JobHandle) -> dict[str, str]:
     return headers
 
 
-def _complete(shape: _Shape, got: Collected, final: Final) -> dict[str, Any]:
+def _complete(shape: _Shape, collected: Collector, final: Final) -> dict[str, Any]:
+    text, reasoning = "".join(collected.text), "".join(collected.reasoning)
+    refusal, calls = "".join(collected.refusal), collected.calls
     if shape.kind == "completion":
         choice: dict[str, Any] = {
             "index": 0,
-            "text": got.text,
+            "text": text,
             "logprobs": None,
             "finish_reason": final.finish_reason,
         }
@@ -336,13 +356,13 @@ def _complete(shape: _Shape, got: Collected, final: Final) -> dict[str, Any]:
     else:
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": got.text if got.text or not got.calls else None,
+            "content": text if text or not calls else None,
         }
-        if got.reasoning:
-            message["reasoning_content"] = got.reasoning
-        if got.calls:
-            message["tool_calls"] = [got.calls[i] for i in sorted(got.calls)]
-        message["refusal"] = got.refusal or None
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        message["refusal"] = refusal or None
         choice = {
             "index": 0,
             "message": message,

@@ -100,8 +100,7 @@ class App(QuartTrio):
         try:
             yield
         finally:
-            for callback in callbacks:
-                callback()
+            end_exchange()
             _EXCHANGE_END.reset(token)
             self.exchanges -= 1
             if not self.exchanges:
@@ -117,6 +116,13 @@ class App(QuartTrio):
 def on_exchange_end(callback: Callable[[], None]) -> None:
     """Run ``callback`` (synchronous, must not raise) when this HTTP exchange ends."""
     _EXCHANGE_END.get().append(callback)
+
+
+def end_exchange() -> None:
+    """Run this exchange's end callbacks now (each once: the client is gone)."""
+    callbacks = _EXCHANGE_END.get()
+    while callbacks:
+        callbacks.pop(0)()
 
 
 def error_response(exc: errors.RequestError) -> Response:

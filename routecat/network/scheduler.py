@@ -2,10 +2,13 @@
 
 Invariants:
 - Admission (model known, a node with a free slot, or a bounded wait for one) is
-  decided in ``submit``, before any response starts, so 404/503 are real statuses.
-- Each job runs as one task in the scheduler's own nursery, inside one cancel scope.
-  Whatever ends it (done, client gone, node gone, timeout, shutdown), the completion
-  hook runs exactly once, shielded, with what the job observed.
+  decided in ``submit`` / ``run_here``, before any response starts, so 404/503 are real
+  statuses.
+- Each job runs as one task, inside one cancel scope: a task of the scheduler's own
+  nursery (``submit``), or the caller's (``run_here``, for a view that needs the whole
+  answer before it responds: one task and one channel fewer). Whatever ends it (done,
+  client gone, node gone, timeout, shutdown), the completion hook runs exactly once,
+  shielded, with what the job observed.
 - A failure before the first token is retried on another node (bounded attempts);
   after the first token it is final.
 """
@@ -16,6 +19,7 @@ import contextlib
 import logging
 import math
 import string
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -58,11 +62,14 @@ CLIENT_STALL_TIMEOUT = 300.0
 
 @attrs.define(eq=False)
 class JobHandle:
-    """The view's side of a running job: a stream of events and a way to cancel."""
+    """The view's side of a job: its events and a way to cancel. A job started with
+    ``submit`` runs in the scheduler's task and sends its events over ``events``; one
+    run with ``run`` runs in the caller's task and hands them to ``sink``."""
 
     spec: JobSpec
     events: trio.MemoryReceiveChannel[Event]
     _send: trio.MemorySendChannel[Event]
+    sink: Callable[[Event], None] | None = None
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     cancel_reason: Outcome | None = None
     finished: trio.Event = attrs.Factory(trio.Event)
@@ -196,16 +203,38 @@ class Scheduler:
         )
 
     async def submit(self, spec: JobSpec) -> JobHandle:
-        """Admit the job (or raise 404/503) and start it; the caller owns the handle."""
-        self.check_model(spec.model)
+        """Admit the job (or raise 404/503) and start it in the scheduler's task; its
+        events arrive on ``handle.events``. The caller owns the handle."""
         assert self._nursery is not None, "scheduler not running"
-        attempt = await self._acquire(spec, [], self.clock.monotonic() + self.config.queue_timeout)
-        send, receive = trio.open_memory_channel[Event](64)
-        handle = JobHandle(spec, receive, send)
-        self.jobs[spec.job_id] = handle
-        self.metrics.jobs_in_flight.set(len(self.jobs))
+        handle, attempt = await self._admit(spec, None)
         self._nursery.start_soon(self._run, handle, attempt)
         return handle
+
+    async def run_here(
+        self,
+        spec: JobSpec,
+        sink: Callable[[Event], None],
+        started: Callable[[JobHandle], None],
+    ) -> JobHandle:
+        """Admit the job (or raise 404/503), then run it to its end in this task,
+        handing each event to ``sink`` (which must not block) and the handle to
+        ``started`` before it runs. Settled like any job, whatever ends it: being
+        cancelled ends it with the handle's ``cancel_reason`` (``shutdown`` if none)."""
+        handle, attempt = await self._admit(spec, sink)
+        started(handle)
+        await self._run(handle, attempt)
+        return handle
+
+    async def _admit(
+        self, spec: JobSpec, sink: Callable[[Event], None] | None
+    ) -> tuple[JobHandle, Attempt]:
+        self.check_model(spec.model)
+        attempt = await self._acquire(spec, [], self.clock.monotonic() + self.config.queue_timeout)
+        send, receive = trio.open_memory_channel[Event](0 if sink else 64)
+        handle = JobHandle(spec, receive, send, sink)
+        self.jobs[spec.job_id] = handle
+        self.metrics.jobs_in_flight.set(len(self.jobs))
+        return handle, attempt
 
     # -- the job --
 
@@ -252,13 +281,15 @@ class Scheduler:
                 self.completed += 1
                 self.metrics.jobs.labels(spec.model, outcome).inc()
                 if outcome == "done" and bill is not None and progress.done is not None:
-                    with trio.move_on_after(CLIENT_STALL_TIMEOUT):
-                        with contextlib.suppress(
-                            trio.BrokenResourceError, trio.ClosedResourceError
+                    final = Final(progress.done.finish_reason, bill, progress.vectors)
+                    if handle.sink is not None:
+                        handle.sink(final)
+                    else:
+                        with (
+                            trio.move_on_after(CLIENT_STALL_TIMEOUT),
+                            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
                         ):
-                            await handle._send.send(
-                                Final(progress.done.finish_reason, bill, progress.vectors)
-                            )
+                            await handle._send.send(final)
                 handle._send.close()
                 del self.jobs[spec.job_id]
                 self.metrics.jobs_in_flight.set(len(self.jobs))
@@ -350,13 +381,16 @@ class Scheduler:
 
     async def _emit(self, handle: JobHandle, event: Event) -> None:
         """Hand an event to the view and let it run."""
-        if await self._offer(handle, event):
+        if await self._offer(handle, event) and handle.sink is None:
             await trio.lowlevel.checkpoint()
 
     async def _offer(self, handle: JobHandle, event: Event) -> bool:
         """Hand an event to the view without letting it run when there is room (so the
         events of one frame leave in one write); False once the view is gone. A view gone
         or stalled for minutes means the client is gone."""
+        if handle.sink is not None:
+            handle.sink(event)
+            return True
         try:
             handle._send.send_nowait(event)  # the common case: room in the buffer
             return True
@@ -425,7 +459,7 @@ class Scheduler:
                     handed = await self._offer(handle, delta)
                     if not handed:
                         break  # the client is gone: its scope is cancelled
-                if handed:
+                if handed and handle.sink is None:
                     await trio.lowlevel.checkpoint()  # the view writes the frame's events
             elif isinstance(frame, Done):
                 progress.done = frame

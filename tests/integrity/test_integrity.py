@@ -350,15 +350,18 @@ async def test_load_client_stopping_never_drops_the_node(
 # -- 4. a client that leaves before the response starts is cancelled --------------------
 
 
+@pytest.mark.parametrize("stream", [True, False])
 async def test_client_gone_before_response_start_is_cancelled(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, stream: bool
 ) -> None:
+    """A stream's job runs in the scheduler's task, a whole answer's in the request's:
+    either way, a client that leaves cancels it, with the outcome ``client_gone``."""
     with trio.fail_after(60):
         net = await start_network(
             nursery, tmp_path, knobs=Knobs(delay=0.05, repeat=10), max_jobs=64
         )
         host, port = net.url.removeprefix("http://").split(":")
-        body = json.dumps(chat("leave me", stream=True)).encode()
+        body = json.dumps(chat("leave me", stream=stream)).encode()
         request = (
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
             f"Authorization: Bearer {net.key}\r\nContent-Type: application/json\r\n"

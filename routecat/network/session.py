@@ -17,6 +17,7 @@ The transport is three callables (``Transport``): the web framework's websocket 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -163,7 +164,8 @@ async def serve_node_session(
             await registry.remember_models(list(link.models))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sender, transport, outgoing)
-                nursery.start_soon(_heartbeats, link, config.heartbeat_interval)
+                silence = config.heartbeat_interval * config.heartbeat_misses
+                nursery.start_soon(_watchdog, link, silence, registry.clock.monotonic)
                 await _receive_loop(registry, link, config, transport, nursery)
     finally:
         if registry.nodes.get(link.id) is link:
@@ -180,11 +182,15 @@ async def _sender(transport: Transport, outgoing: trio.MemoryReceiveChannel[Mess
         await transport.send(encode(message))
 
 
-async def _heartbeats(link: NativeLink, interval: float) -> None:
+async def _watchdog(link: NativeLink, silence: float, clock: Callable[[], float]) -> None:
+    """Close the node once it has been silent for ``silence`` seconds. It wakes once
+    per silence period, not per frame: a frame only moves ``link.last_seen``."""
     while True:
-        await trio.sleep(interval)
-        link.send_nowait(Heartbeat(in_flight=link.in_flight))
-        link.forget_cancelled()
+        left = link.last_seen + silence - clock()
+        if left <= 0:
+            link.close(f"no heartbeat for {silence:g}s")
+            return
+        await trio.sleep(left)
 
 
 async def _receive_loop(
@@ -194,14 +200,12 @@ async def _receive_loop(
     transport: Transport,
     nursery: trio.Nursery,
 ) -> None:
-    silence = config.heartbeat_interval * config.heartbeat_misses
+    # The gateway's heartbeat answers the node's, at most one per half interval (a
+    # node that beats faster gets no more): one timer fewer per node.
+    answered = -math.inf
     while True:
-        with trio.move_on_after(silence) as timer:
-            frame = await transport.receive()
-        if timer.cancelled_caught:
-            link.close(f"no heartbeat for {silence:g}s")
-            return
-        link.last_seen = registry.clock.monotonic()
+        frame = await transport.receive()
+        link.last_seen = now = registry.clock.monotonic()
         if len(frame) > config.max_frame_bytes:
             link.close("frame over the size limit")
             return
@@ -229,7 +233,10 @@ async def _receive_loop(
             # after the grace period (or twice) is harmless: it changes nothing.
             link.cancelled.pop(message.job_id, None)
         elif isinstance(message, Heartbeat):
-            pass
+            if now - answered >= config.heartbeat_interval / 2:
+                answered = now
+                link.send_nowait(Heartbeat(in_flight=link.in_flight))
+                link.forget_cancelled()
         elif isinstance(message, ModelsUpdate):
             if not models_ok(message.models):
                 link.close("malformed models update")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -26,6 +28,25 @@ def test_cost_is_exact_and_rounded_up_once() -> None:
     assert cost_msat(0, 0, Decimal("1"), Decimal("1"), Decimal("1")) == 0
     with pytest.raises(ValueError, match="never price"):
         cost_msat(1, 1, Decimal("1"), Decimal("1"), Decimal("0"))
+
+
+prices = st.decimals(min_value=0, max_value=10**6, places=6, allow_nan=False, allow_infinity=False)
+
+
+@given(
+    st.integers(min_value=-(10**9), max_value=10**12),
+    st.integers(min_value=-(10**9), max_value=10**12),
+    prices,
+    prices,
+    st.decimals(min_value=Decimal("0.01"), max_value=10**9, places=2),
+)
+def test_cost_is_the_ceiling_of_the_exact_rational_cost(
+    prompt: int, completion: int, input_price: Decimal, output_price: Decimal, rate: Decimal
+) -> None:
+    exact = (
+        Fraction(prompt) * Fraction(input_price) + Fraction(completion) * Fraction(output_price)
+    ) * (Fraction(100_000_000_000) / (Fraction(1_000_000) * Fraction(rate)))
+    assert cost_msat(prompt, completion, input_price, output_price, rate) == math.ceil(exact)
 
 
 @given(st.integers(min_value=0, max_value=10**15))

@@ -103,14 +103,26 @@ async def test_silence_closes_the_node_after_the_missed_heartbeats(connect, auto
     assert attempt.failure == "node disconnected (no heartbeat for 30s)"
 
 
-async def test_heartbeats_keep_a_node_and_the_gateway_sends_its_own(
-    connect, autojump_clock
-) -> None:
+async def test_heartbeats_keep_a_node_and_the_gateway_answers_each(connect, autojump_clock) -> None:
     reg, open_peer = connect
     peer = await open_peer()
     for _ in range(10):  # 100 virtual seconds
         await peer.send(Heartbeat())
         assert isinstance(await peer.receive(), Heartbeat)
+        await trio.sleep(10)
+    assert reg.nodes["node-1"].closed_reason is None
+    # A node that beats faster than every half interval gets no more answers.
+    for _ in range(20):
+        await peer.send(Heartbeat())
+        await trio.sleep(0.5)
+    answers = 0
+    while True:
+        with trio.move_on_after(0.1):
+            assert isinstance(await peer.receive(), Heartbeat)
+            answers += 1
+            continue
+        break
+    assert answers == 2  # 10 s of beats: one answer per 5 s
     assert reg.nodes["node-1"].closed_reason is None
 
 

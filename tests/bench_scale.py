@@ -398,7 +398,7 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
                     (
                         f"{size} nodes",
                         f"connected in {took:.1f} s; idle CPU with heartbeats (every"
-                        f" {interval:g} s each way) {idle * 100:.1f}% of a core;"
+                        f" {interval:g} s, each answered) {idle * 100:.1f}% of a core;"
                         f" {per_job_ms:.2f} ms of gateway CPU per job (c=16;"
                         f" {net_ms:.2f} ms without the heartbeats' share), p50"
                         f" {p50:.1f} ms, p99 {p99:.1f} ms;"

@@ -43,7 +43,13 @@ from routecat.api.errors import (
     error_headers,
     status_of,
 )
-from routecat.api.http import CORS_HEADERS, REQUEST_ID, App, end_exchange
+from routecat.api.http import (
+    CORS_HEADERS,
+    REQUEST_ID,
+    App,
+    end_exchange,
+    send_shielding_the_end,
+)
 from routecat.gateway import Gateway
 from routecat.network.jobs import JobKind
 
@@ -121,7 +127,8 @@ class _Exchange:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes, *, more: bool) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+        message = {"type": "http.response.body", "body": data, "more_body": more}
+        await send_shielding_the_end(self.send, message)
 
     async def answer(self, status: int, body: Any, headers: dict[str, str]) -> None:
         data = (json.dumps(body, separators=(",", ":")) + "\n").encode()

@@ -9,6 +9,7 @@ connections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -67,14 +68,30 @@ def preflight_headers(request_headers: Any) -> dict[str, str]:
 _EXCHANGE_END: ContextVar[list[Callable[[], None]]] = ContextVar("routecat_exchange_end")
 
 
+async def send_shielding_the_end(send: Any, message: dict[str, Any]) -> None:
+    """Send an ASGI message; the response's last one shielded. Hypercorn ends the
+    exchange inside that call, in the caller's task: it tells the app the exchange is
+    over (``http.disconnect``), and, when either side asked for ``Connection: close``,
+    closes the socket. The disconnect cancels the app's task (Quart-Trio's, or our
+    watcher's) in the middle of that close, and the socket then stayed open until the
+    client closed it: a client still sending a body nobody reads waited forever. Socket
+    writes are shielded by hypercorn already, so this adds no wait of its own."""
+    if message.get("type") == "http.response.body" and not message.get("more_body", False):
+        with trio.CancelScope(shield=True):
+            await send(message)
+    else:
+        await send(message)
+
+
 class _HTTPConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, counted as an exchange (``App.exchange``)."""
+    """Quart-Trio's HTTP connection, counted as an exchange (``App.exchange``), its
+    last message sent whole (``send_shielding_the_end``)."""
 
     app: App
 
     async def __call__(self, receive: Any, send: Any) -> None:
         with self.app.exchange():
-            await super().__call__(receive, send)
+            await super().__call__(receive, functools.partial(send_shielding_the_end, send))
 
 
 class App(QuartTrio):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -319,6 +320,49 @@ async def test_completion_routes_keep_every_http_rule(
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"connection: close" in answer
     assert b'"code":"request_timeout"' in answer
+
+
+async def test_a_response_that_says_close_closes_the_connection(
+    client: httpx.AsyncClient,
+) -> None:
+    """``Connection: close`` (asked by the client, or said by an error for a request
+    whose body may be unread) ends with the socket closed, on the app's routes and on
+    the completions routes, whether or not the body was read."""
+    host, port = client.base_url.host, client.base_url.port
+    assert port is not None
+    key = await register(client)
+
+    async def exchange(request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(request)
+        answer = b""
+        while part := await stream.receive_some():  # until the server closes
+            answer += part
+        await stream.aclose()
+        return answer
+
+    def post(path: str, body: bytes, extra: str = "") -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+        return head.encode() + body
+
+    auth = f"Authorization: Bearer {key}\r\n"
+    with trio.fail_after(20):
+        asked = await exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert asked.startswith(b"HTTP/1.1 200")
+        invalid = await exchange(post("/v1/auth/register", b'{"name": ""}'))
+        assert invalid.startswith(b"HTTP/1.1 400") and b"connection: close" in invalid
+        unread = await exchange(post("/v1/chat/completions", b"{}"))  # no key: body unread
+        assert unread.startswith(b"HTTP/1.1 401")
+        read = await exchange(post("/v1/chat/completions", json.dumps(CHAT).encode(), auth))
+        assert read.startswith(b"HTTP/1.1 404") and b"model_not_found" in read
+        # A body far past the limit is refused at once, and the client's rest is not
+        # waited for: the connection closes and the client sees the 413.
+        r = await client.post(
+            "/v1/chat/completions",
+            content=b"x" * (64 * 1024 * 1024),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert_error(r, 413, "request_too_large")
 
 
 async def test_cors_preflight_and_headers(client: httpx.AsyncClient) -> None:

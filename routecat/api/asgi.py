@@ -9,8 +9,10 @@ and the access log line, every error in the OpenAI shape (never a traceback), 41
 the body limit, 408 when the body does not arrive, ``Connection: close`` on an error
 for a request that carried a body, 405 (with ``Allow``) for another method; a
 preflight (``OPTIONS``) goes to the app. The exchange is counted like the app's
-(``App.exchange``), and a client that leaves at any moment after its body arrived
-cancels the exchange, and with it the job (``completions.start_job``).
+(``App.exchange``). One task reads the request from its first byte to the end (the
+body, then the client's leaving): a client that leaves at any moment cancels the
+exchange, and with it the job (``completions.start_job``), and an answer given before
+the body was read never waits on hypercorn's full queue to the app.
 """
 
 from __future__ import annotations
@@ -69,10 +71,6 @@ def _encoded(headers: dict[str, str]) -> Headers:
 
 _CORS = _encoded(CORS_HEADERS)
 _SSE = [(b"content-type", b"text/event-stream"), *_encoded(SSE_HEADERS)]
-
-
-class _ClientGone(Exception):
-    """The client left before its body arrived whole: there is no one to answer."""
 
 
 @attrs.define(eq=False)
@@ -161,86 +159,96 @@ class CompletionRoutes:
             return
         with self.app.exchange():
             exchange = _Exchange.of(self.gw, scope, send)
-            if scope["method"] == "POST":
-                await self._serve(kind, exchange, receive)
-            else:
-                wrong = MethodNotAllowed(
-                    f"method {scope['method']} is not allowed on {scope['path']}"
-                )
-                await exchange.error(wrong, {"Allow": "OPTIONS, POST"})
+            body = _Body(exchange.content_length, self.gw.config.max_body_bytes)
+            async with trio.open_nursery() as nursery:
+                # One task reads the request from its first byte to the client's leaving,
+                # which ends the exchange (and its job) whatever it is doing: admitted,
+                # queued, running or streaming. Hypercorn's queue to the app is bounded
+                # and the end of a response waits for room in it: an answer given without
+                # reading the body (a bad key, 413, 405) must not leave it full.
+                nursery.start_soon(body.read, receive, nursery.cancel_scope)
+                try:
+                    if scope["method"] == "POST":
+                        await self._serve(kind, exchange, body)
+                    else:
+                        wrong = MethodNotAllowed(
+                            f"method {scope['method']} is not allowed on {scope['path']}"
+                        )
+                        await exchange.error(wrong, {"Allow": "OPTIONS, POST"})
+                finally:
+                    nursery.cancel_scope.cancel()
 
-    async def _serve(self, kind: JobKind, exchange: _Exchange, receive: Receive) -> None:
+    async def _serve(self, kind: JobKind, exchange: _Exchange, body: _Body) -> None:
         gw = self.gw
-        async with trio.open_nursery() as nursery:
-
-            async def read_body() -> bytes:
-                data = await _read_body(receive, exchange.content_length, gw.config.max_body_bytes)
-                # From here on, a client that leaves ends the exchange and its job,
-                # whether the job is being admitted, queued, running or streaming.
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
-                return data
-
-            try:
-                spec, body = await prepare_job(gw, kind, exchange.authorization, read_body)
-                if body.stream:
-                    handle = await start_job(gw, spec)
-                    await exchange.start(200, _SSE + _encoded(free_header(handle)))
-                    async with contextlib.aclosing(stream_body(gw, handle, body)) as events:
-                        async for data in events:
-                            await exchange.body(data, more=True)
-                    await exchange.body(b"", more=False)
-                else:
-                    # The job runs in this task: one task and one channel fewer.
-                    collector = Collector()
-                    handle = await start_job(gw, spec, collector.add)
-                    answer, headers = collector.answer(handle)
-                    await exchange.answer(200, answer, headers)
-            except errors.RequestError as exc:
-                if exchange.status:
-                    raise  # cannot happen: a stream's errors are events
-                await exchange.error(exc)
-            except _ClientGone:
-                pass
-            except Exception as exc:
-                if exchange.status:
-                    raise  # the response has started: hypercorn ends the connection
-                log.error(
-                    "unhandled error in POST %s",
-                    exchange.scope["path"],
-                    exc_info=exc,
-                    extra={"request_id": exchange.request_id},
-                )
-                await exchange.error(errors.RequestError("internal error; the request id names it"))
-            nursery.cancel_scope.cancel()
+        try:
+            spec, request = await prepare_job(gw, kind, exchange.authorization, body.whole)
+            if request.stream:
+                handle = await start_job(gw, spec)
+                await exchange.start(200, _SSE + _encoded(free_header(handle)))
+                async with contextlib.aclosing(stream_body(gw, handle, request)) as events:
+                    async for data in events:
+                        await exchange.body(data, more=True)
+                await exchange.body(b"", more=False)
+            else:
+                # The job runs in this task: one task and one channel fewer.
+                collector = Collector()
+                handle = await start_job(gw, spec, collector.add)
+                answer, headers = collector.answer(handle)
+                await exchange.answer(200, answer, headers)
+        except errors.RequestError as exc:
+            if exchange.status:
+                raise  # cannot happen: a stream's errors are events
+            await exchange.error(exc)
+        except Exception as exc:
+            if exchange.status:
+                raise  # the response has started: hypercorn ends the connection
+            log.error(
+                "unhandled error in POST %s",
+                exchange.scope["path"],
+                exc_info=exc,
+                extra={"request_id": exchange.request_id},
+            )
+            await exchange.error(errors.RequestError("internal error; the request id names it"))
 
 
-async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes:
-    """The whole request body: 413 past ``limit`` (at once when ``Content-Length``
-    says so), 408 when it does not arrive within ``BODY_TIMEOUT``."""
-    too_large = RequestTooLarge(f"request body larger than {limit} bytes")
-    if length is not None and length > limit:
-        raise too_large
-    parts: list[bytes] = []
-    size = 0
-    with trio.move_on_after(BODY_TIMEOUT):
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _ClientGone
+@attrs.define(eq=False)
+class _Body:
+    """The request's body as its reader task gathers it (kept up to ``limit`` bytes,
+    the rest read and dropped), for the view to wait on (``whole``)."""
+
+    length: int | None  # Content-Length, when the client said it
+    limit: int
+    parts: list[bytes] = attrs.Factory(list)
+    size: int = 0
+    ready: trio.Event = attrs.Factory(trio.Event)  # whole, or past the limit
+
+    async def read(self, receive: Receive, exchange: trio.CancelScope) -> None:
+        while (message := await receive())["type"] == "http.request":
             part = message.get("body", b"")
-            size += len(part)
-            if size > limit:
-                raise too_large
-            parts.append(part)
+            if self.size <= self.limit:
+                self.size += len(part)
+                if self.size <= self.limit:
+                    self.parts.append(part)
+                else:
+                    self.parts.clear()
+                    self.ready.set()
             if not message.get("more_body", False):
-                return b"".join(parts)
-    raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g}s")
+                self.ready.set()
+        # The client has left, or the response is over: the exchange ends. Its end
+        # callbacks first (a job learns that its client is gone, not that the gateway
+        # is stopping), then whatever the exchange is doing stops.
+        end_exchange()
+        exchange.cancel()
 
-
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    # The exchange ends: its callbacks first (a job learns that its client is gone,
-    # not that the gateway is stopping), then whatever the exchange is doing stops.
-    end_exchange()
-    scope.cancel()
+    async def whole(self) -> bytes:
+        """The whole body: 413 past the limit (at once when ``Content-Length`` says
+        so), 408 when it has not arrived within ``BODY_TIMEOUT``."""
+        if (self.length or 0) > self.limit:
+            raise RequestTooLarge(f"request body larger than {self.limit} bytes")
+        with trio.move_on_after(BODY_TIMEOUT):
+            await self.ready.wait()
+        if not self.ready.is_set():
+            raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g}s")
+        if self.size > self.limit:
+            raise RequestTooLarge(f"request body larger than {self.limit} bytes")
+        return b"".join(self.parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -322,6 +323,23 @@ async def test_completion_routes_keep_every_http_rule(
     assert b'"code":"request_timeout"' in answer
 
 
+class _Chunks:
+    """A chunked request body (an iterator, not a generator: the server may stop
+    reading it halfway, and a generator left unfinished warns when collected)."""
+
+    def __init__(self, count: int, chunk: bytes) -> None:
+        self.left, self.chunk = count, chunk
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.left:
+            raise StopAsyncIteration
+        self.left -= 1
+        return self.chunk
+
+
 async def test_a_response_that_says_close_closes_the_connection(
     client: httpx.AsyncClient,
 ) -> None:
@@ -355,6 +373,38 @@ async def test_a_response_that_says_close_closes_the_connection(
         assert unread.startswith(b"HTTP/1.1 401")
         read = await exchange(post("/v1/chat/completions", json.dumps(CHAT).encode(), auth))
         assert read.startswith(b"HTTP/1.1 404") and b"model_not_found" in read
+        # Answers given without reading a large body (a bad key, another method) still
+        # end with the connection closed: the body is read and dropped meanwhile.
+        for request in (
+            post("/v1/chat/completions", b"", "Content-Length: 4194304\r\n"),
+            b"GET /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n",
+        ):
+            request = request.replace(b"Content-Length: 0\r\n", b"")
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(request)
+
+            async def send_the_body(stream: trio.SocketStream = stream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for _ in range(64):
+                        await stream.send_all(b"x" * 65536)
+
+            answer = b""
+            async with trio.open_nursery() as sending:
+                sending.start_soon(send_the_body)
+                while part := await stream.receive_some():
+                    answer += part
+                sending.cancel_scope.cancel()
+            await stream.aclose()
+            assert answer.startswith((b"HTTP/1.1 401", b"HTTP/1.1 405")), answer[:100]
+
+        # A chunked body past the limit is refused once the limit is passed, and the
+        # rest is read and dropped until the connection closes.
+        r = await client.post(
+            "/v1/chat/completions",
+            content=_Chunks(256, b"x" * 65536),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert_error(r, 413, "request_too_large")
         # A body far past the limit is refused at once, and the client's rest is not
         # waited for: the connection closes and the client sees the 413.
         r = await client.post(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -272,20 +273,23 @@ async def test_rate_limit_retry_after_is_exact(nursery: trio.Nursery, tmp_path: 
         net = await start_network(
             nursery, tmp_path, catalog=catalog(tmp_path), rate_limit_per_minute="60"
         )
-        now = [1000.0]
+        # Near the real wall clock: on PostgreSQL the cluster round prunes stored hits
+        # older than two hours by the real clock (a time of 1970 would be pruned).
+        start = float(int(time.time()))
+        now = [start]
         limiter = net.gateway.gw.request_limit
         limiter.clock = lambda: now[0]
         async with net.client() as c:
             for i in range(60):
-                now[0] = 1000.0 + i * 0.5  # 60 requests over 29.5 s
+                now[0] = start + i * 0.5  # 60 requests over 29.5 s
                 assert (
                     await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
                 ).status_code == 200
-            now[0] = 1030.0
+            now[0] = start + 30
             r = await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
             assert_error(r, 429, "rate_limit_exceeded")
-            assert r.headers["Retry-After"] == "30"  # the first request leaves the window at 1060
-            now[0] = 1030.0 + 30
+            assert r.headers["Retry-After"] == "30"  # the first request leaves at start + 60
+            now[0] = start + 30 + 30
             assert (
                 await c.post("/v1/chat/completions", json=chat("x", max_tokens=5))
             ).status_code == 200

@@ -32,6 +32,7 @@ from routecat.api.http import (
     REQUEST_ID,
     App,
     error_response,
+    method_label,
     preflight_headers,
 )
 from routecat.api.internal import register_internal
@@ -71,7 +72,9 @@ def create_app(gw: Gateway) -> App:
             response.headers.update(CORS_HEADERS)
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        gw.metrics.requests.labels(rule, request.method, str(response.status_code)).inc()
+        gw.metrics.requests.labels(
+            rule, method_label(request.method), str(response.status_code)
+        ).inc()
         gw.metrics.latency.labels(rule).observe(elapsed)
         if log.isEnabledFor(logging.INFO):
             log.info(

@@ -50,6 +50,7 @@ from routecat.api.http import (
     REQUEST_ID,
     App,
     end_exchange,
+    method_label,
     send_shielding_the_end,
 )
 from routecat.gateway import Gateway
@@ -98,7 +99,8 @@ class _Exchange:
             elif name == b"x-request-id" and request_id is None:
                 request_id = value.decode("latin-1")
             elif name == b"content-length" and length is None:
-                length = int(value) if value.isdigit() else 0
+                # h11 allows digits only; past 18 of them, simply too large (413).
+                length = int(value) if value.isdigit() and len(value) <= 18 else 10**18
             elif name == b"transfer-encoding" and transfer is None:
                 transfer = value.decode("latin-1")
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
@@ -110,7 +112,7 @@ class _Exchange:
         self.status = status
         elapsed = time.perf_counter() - self.started
         method, path = self.scope["method"], self.scope["path"]
-        self.gw.metrics.requests.labels(path, method, str(status)).inc()
+        self.gw.metrics.requests.labels(path, method_label(method), str(status)).inc()
         self.gw.metrics.latency.labels(path).observe(elapsed)
         if log.isEnabledFor(logging.INFO):
             log.info(

@@ -3,8 +3,9 @@
 Invariants: authentication, limits, validation, money admission, model lookup and
 capacity are all decided before the response starts, so their errors are real HTTP
 statuses. Once streaming, an error is one ``data: {"error": ...}`` event and the
-stream ends without ``[DONE]`` or ``finish_reason: "stop"``. The view is a thin pump
-over the job's event channel; whatever ends the response (including the client
+stream ends without ``[DONE]`` or ``finish_reason: "stop"``. A stream is a thin pump
+over the job's event channel; a whole answer is gathered by a ``Collector`` from a job
+run in the request's own task. Whatever ends the response (including the client
 leaving) cancels the job through its handle, and the scheduler settles it.
 
 Nothing here speaks HTTP: ``routecat.api.asgi`` serves these two routes as plain ASGI
@@ -120,10 +121,10 @@ async def start_job(
 
     def started(job: JobHandle) -> None:
         nonlocal handle
-        handle = job
         # Whatever ends the HTTP exchange (the response sent, the client gone at any
         # moment, even before the response starts), the job is cancelled if running.
         on_exchange_end(lambda: job.cancel_nowait("client_gone"))
+        handle = job  # from here on, the job's settlement owns the reservation
 
     try:
         # A client that left during admission is noticed here, before any dispatch.

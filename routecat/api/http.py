@@ -63,6 +63,15 @@ def preflight_headers(request_headers: Any) -> dict[str, str]:
     return PREFLIGHT_HEADERS
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """A request's method as a metrics label: any token is a valid HTTP method, and a
+    label per made-up method would grow the metrics without bound."""
+    return method if method in _METHODS else "OTHER"
+
+
 # The callbacks that run when the current HTTP exchange ends (see ``App.exchange``);
 # the tasks an exchange starts inherit the list.
 _EXCHANGE_END: ContextVar[list[Callable[[], None]]] = ContextVar("routecat_exchange_end")

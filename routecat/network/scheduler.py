@@ -64,7 +64,7 @@ CLIENT_STALL_TIMEOUT = 300.0
 class JobHandle:
     """The view's side of a job: its events and a way to cancel. A job started with
     ``submit`` runs in the scheduler's task and sends its events over ``events``; one
-    run with ``run`` runs in the caller's task and hands them to ``sink``."""
+    run with ``run_here`` runs in the caller's task and hands them to ``sink``."""
 
     spec: JobSpec
     events: trio.MemoryReceiveChannel[Event]
@@ -221,7 +221,18 @@ class Scheduler:
         ``started`` before it runs. Settled like any job, whatever ends it: being
         cancelled ends it with the handle's ``cancel_reason`` (``shutdown`` if none)."""
         handle, attempt = await self._admit(spec, sink)
-        started(handle)
+        try:
+            started(handle)
+        except BaseException:
+            # Never a job without its caller: nothing was dispatched, so the job is
+            # forgotten and its node slot freed (the caller gives the reservation back).
+            del attempt.node.attempts[attempt.job_id]
+            attempt.send.close()
+            del self.jobs[spec.job_id]
+            self.metrics.jobs_in_flight.set(len(self.jobs))
+            self.registry.changed()
+            handle.finished.set()
+            raise
         await self._run(handle, attempt)
         return handle
 

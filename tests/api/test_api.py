@@ -298,12 +298,15 @@ async def test_completion_routes_keep_every_http_rule(
         assert r.headers["allow"] == "OPTIONS, POST"
         assert r.headers["x-request-id"].startswith("req_")
         assert (await client.options(path)).status_code == 204
+        # A made-up method is refused, and counted without a label of its own.
+        assert_error(await client.request("FROB", path), 405, "method_not_allowed")
         # Past the body limit: 413, and the connection is closed.
         r = await client.post(path, content=b"x" * (10 * 1024 * 1024), headers=auth)
         assert_error(r, 413, "request_too_large")
         assert r.headers["connection"] == "close"
         text = (await client.get("/metrics")).text
         assert f'route="{path}",status="404"' in text.replace('method="POST",', "")
+        assert 'method="OTHER"' in text and "FROB" not in text
     # A body that never arrives whole: 408 once the body timeout passes.
     monkeypatch.setattr("routecat.api.asgi.BODY_TIMEOUT", 0.5)
     host, port = client.base_url.host, client.base_url.port
@@ -371,6 +374,10 @@ async def test_a_response_that_says_close_closes_the_connection(
         assert invalid.startswith(b"HTTP/1.1 400") and b"connection: close" in invalid
         unread = await exchange(post("/v1/chat/completions", b"{}"))  # no key: body unread
         assert unread.startswith(b"HTTP/1.1 401")
+        absurd = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth.encode()
+        absurd += b"Content-Length: " + b"9" * 40 + b"\r\n\r\n{}"
+        answer = await exchange(absurd)  # refused by h11 itself, or by the route's 413
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), answer[:300]
         read = await exchange(post("/v1/chat/completions", json.dumps(CHAT).encode(), auth))
         assert read.startswith(b"HTTP/1.1 404") and b"model_not_found" in read
         # Answers given without reading a large body (a bad key, another method) still

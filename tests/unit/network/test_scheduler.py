@@ -176,3 +176,27 @@ async def test_a_refusal_is_retried_elsewhere_and_a_node_error_after_output_is_r
     assert isinstance(failure, Failure) and "engine died" in failure.error.message
     await handle.finished.wait()
     assert hook.results[0].outcome == "node_failed" and hook.results[0].dispatched
+
+
+async def test_a_job_run_here_whose_caller_fails_to_take_it_is_forgotten(
+    net, autojump_clock
+) -> None:
+    """``run_here`` hands the handle to its caller before the job runs: should that
+    fail, nothing is dispatched or settled (the caller still holds the reservation and
+    gives it back), and the node's slot is free again."""
+    scheduler, reg, hook = net
+    node = add_node(reg, "n")
+    seen: list[object] = []
+
+    def refuse(handle: object) -> None:
+        raise RuntimeError("the caller could not take the job")
+
+    with pytest.raises(RuntimeError):
+        await scheduler.run_here(spec(), seen.append, refuse)
+    assert hook.results == [] and seen == []
+    assert scheduler.jobs == {} and node.link.attempts == {}
+    assert node.outbox.statistics().current_buffer_used == 0  # no job was sent
+    # The slot is free: the next job gets it at once.
+    handle = await scheduler.submit(spec("chatcmpl-2"))
+    assert (await next_job(node)).job_id == "chatcmpl-2"
+    handle.cancel_nowait("client_gone")

@@ -315,7 +315,16 @@ def option(name: str, default: str = "") -> str:
 
 
 async def main() -> None:
-    from tests.bench_peer import cores, figures, pin, ratio_rows, start_litellm, tree_cpu, tree_rss
+    from tests.bench_peer import (
+        cores,
+        figures,
+        floor_figures,
+        pin,
+        ratio_rows,
+        start_litellm,
+        tree_cpu,
+        tree_rss,
+    )
 
     quick = "--quick" in sys.argv
     peer = option("--peer")
@@ -386,6 +395,7 @@ async def main() -> None:
                 ours = await figures(c, lambda: tree_cpu(gateway.pid), n)
                 ours["rss_mib"] = tree_rss(gateway.pid)
                 engine_only = await figures(direct, None, n)
+                floor = await floor_figures(tmp, int(ours["stream_writes"]), gateway_cores, n)
                 litellm = os.environ.get("ROUTECAT_BENCH_LITELLM", "")
                 if not litellm:
                     raise SystemExit(
@@ -415,8 +425,10 @@ async def main() -> None:
                     f"\nRouteCat vs LiteLLM ({'quick' if quick else 'full'}, {os.cpu_count()} cores,"
                     f" {pinned}, {time.strftime('%Y-%m-%d %H:%M')})\n"
                 )
-                print(ratio_rows(ours, theirs, engine_only))
-                results.update(routecat=ours, litellm=theirs, direct=engine_only)
+                print(ratio_rows(ours, theirs, engine_only, floor))
+                results.update(
+                    routecat=ours, litellm=theirs, direct=engine_only, hypercorn_alone=floor
+                )
                 write_json(results, "litellm")
                 return
             # Warm up both paths.

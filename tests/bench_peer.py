@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -217,10 +218,60 @@ async def start_litellm(
     return process, url
 
 
-def ratio_rows(ours: dict[str, float], peer: dict[str, float], direct: dict[str, float]) -> str:
-    """The side-by-side table: RouteCat, LiteLLM, the direct engine, and the ratios."""
-    rows = ["| measure | RouteCat | LiteLLM | direct engine | RouteCat vs LiteLLM |",
-            "|---|---|---|---|---|"]  # fmt: skip
+async def start_floor(tmp: str, writes: int, cpus: set[int]) -> tuple[trio.Process, str]:
+    """The server stack alone (``tests.bench_floor``), pinned like a gateway; its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(tmp) / "floor.log", "wb")  # noqa: SIM115 - a file nobody must drain
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tests.bench_floor", str(port), str(writes)],
+        stdout=log,
+        stderr=log,
+    )
+    pin(process.pid, cpus)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(timeout=5) as c:
+        with trio.fail_after(30):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError((Path(tmp) / "floor.log").read_text()[-3000:])
+                try:
+                    await c.post(url + "/v1/chat/completions", json={})
+                    break
+                except httpx.HTTPError:
+                    await trio.sleep(0.1)
+    return process, url
+
+
+async def floor_figures(tmp: str, writes: int, cpus: set[int], n: int) -> dict[str, float]:
+    """``figures`` of the server stack alone, with the stream cut in ``writes`` writes."""
+    process, url = await start_floor(tmp, writes, cpus)
+    try:
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            out = await figures(client, lambda: tree_cpu(process.pid), n)
+        out["rss_mib"] = tree_rss(process.pid)
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+    return out
+
+
+def ratio_rows(
+    ours: dict[str, float],
+    peer: dict[str, float],
+    direct: dict[str, float],
+    floor: dict[str, float],
+) -> str:
+    """The side-by-side table: RouteCat, LiteLLM, the direct engine, the server stack
+    alone (hypercorn with a bare app), and the ratios."""
+    rows = ["| measure | RouteCat | LiteLLM | direct engine | hypercorn alone"
+            " | RouteCat vs LiteLLM |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
 
     def less(key: str) -> str:
         return f"x{peer[key] / ours[key]:.1f} less" if ours[key] else "-"
@@ -232,13 +283,13 @@ def ratio_rows(ours: dict[str, float], peer: dict[str, float], direct: dict[str,
         key = f"cpu_ms_c{conc}"
         rows.append(
             f"| gateway CPU per non-stream request, c={conc} | {ours[key]:.2f} ms"
-            f" | {peer[key]:.2f} ms | - | {less(key)} |"
+            f" | {peer[key]:.2f} ms | - | {floor[key]:.2f} ms | {less(key)} |"
         )
     for conc in (1, 16, 64):
         key = f"rps_c{conc}"
         rows.append(
             f"| throughput, c={conc} | {ours[key]:.0f} req/s | {peer[key]:.0f} req/s"
-            f" | {direct[key]:.0f} req/s | {more(key)} |"
+            f" | {direct[key]:.0f} req/s | {floor[key]:.0f} req/s | {more(key)} |"
         )
     for conc in (1, 16, 64):
         key = f"p50_ms_c{conc}"
@@ -246,43 +297,47 @@ def ratio_rows(ours: dict[str, float], peer: dict[str, float], direct: dict[str,
         rows.append(
             f"| p50 / p99, c={conc} | {ours[key]:.2f} / {ours[p99]:.2f} ms"
             f" | {peer[key]:.2f} / {peer[p99]:.2f} ms"
-            f" | {direct[key]:.2f} / {direct[p99]:.2f} ms | |"
+            f" | {direct[key]:.2f} / {direct[p99]:.2f} ms"
+            f" | {floor[key]:.2f} / {floor[p99]:.2f} ms | |"
         )
     rows.append(
         f"| added p50, non-stream c=1 | {ours['p50_ms_c1'] - direct['p50_ms_c1']:.2f} ms"
-        f" | {peer['p50_ms_c1'] - direct['p50_ms_c1']:.2f} ms | - | |"
+        f" | {peer['p50_ms_c1'] - direct['p50_ms_c1']:.2f} ms | - | - | |"
     )
     for conc in (1, 16):
         key = f"stream_cpu_ms_c{conc}"
         rows.append(
             f"| gateway CPU per 64-chunk stream, c={conc} | {ours[key]:.2f} ms"
-            f" | {peer[key]:.2f} ms | - | {less(key)} |"
+            f" | {peer[key]:.2f} ms | - | {floor[key]:.2f} ms | {less(key)} |"
         )
         key = f"streams_per_s_c{conc}"
         rows.append(
             f"| streams per second, c={conc} | {ours[key]:.0f} | {peer[key]:.0f}"
-            f" | {direct[key]:.0f} | {more(key)} |"
+            f" | {direct[key]:.0f} | {floor[key]:.0f} | {more(key)} |"
         )
     rows.append(
         f"| 64-chunk stream total p50, c=1 | {ours['stream_p50_ms_c1']:.2f} ms"
-        f" | {peer['stream_p50_ms_c1']:.2f} ms | {direct['stream_p50_ms_c1']:.2f} ms | |"
+        f" | {peer['stream_p50_ms_c1']:.2f} ms | {direct['stream_p50_ms_c1']:.2f} ms"
+        f" | {floor['stream_p50_ms_c1']:.2f} ms | |"
     )
     rows.append(
         f"| SSE events per 64-token stream (c=1 / c=16) | {ours['stream_events_c1']:.0f}"
         f" / {ours['stream_events_c16']:.0f} | {peer['stream_events_c1']:.0f}"
         f" / {peer['stream_events_c16']:.0f} | {direct['stream_events_c1']:.0f}"
-        f" / {direct['stream_events_c16']:.0f} | |"
+        f" / {direct['stream_events_c16']:.0f} | {floor['stream_events_c1']:.0f}"
+        f" / {floor['stream_events_c16']:.0f} | |"
     )
     rows.append(
         f"| body writes (HTTP chunks) per 64-token stream, c=1 | {ours['stream_writes']:.0f}"
-        f" | {peer['stream_writes']:.0f} | {direct['stream_writes']:.0f} | |"
+        f" | {peer['stream_writes']:.0f} | {direct['stream_writes']:.0f}"
+        f" | {floor['stream_writes']:.0f} | |"
     )
     rows.append(
         f"| failed requests | {ours['failures']:.0f} | {peer['failures']:.0f}"
-        f" | {direct['failures']:.0f} | |"
+        f" | {direct['failures']:.0f} | {floor['failures']:.0f} | |"
     )
     rows.append(
         f"| gateway RSS after the run | {ours['rss_mib']:.0f} MiB | {peer['rss_mib']:.0f} MiB"
-        f" | - | x{peer['rss_mib'] / ours['rss_mib']:.1f} less |"
+        f" | - | {floor['rss_mib']:.0f} MiB | x{peer['rss_mib'] / ours['rss_mib']:.1f} less |"
     )
     return "\n".join(rows)

@@ -3,7 +3,6 @@ of fake engines, and the helpers that register and fund keys against them."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,12 @@ class Running:
     gw: Gateway
     stop: trio.Event
     config: Config
+    stopped: trio.Event = attrs.Factory(trio.Event)  # set once the gateway has ended
+
+    async def halt(self) -> None:
+        """Stop the gateway and wait until it has ended (its files are then at rest)."""
+        self.stop.set()
+        await self.stopped.wait()
 
     @property
     def url(self) -> str:
@@ -100,9 +105,16 @@ def make_config(tmp_path: Path, environ: dict[str, str] | None = None, **overrid
 
 
 async def start_gateway(nursery: trio.Nursery, config: Config) -> Running:
-    stop = trio.Event()
-    gw = await nursery.start(functools.partial(serve_gateway, config, stop=stop))
-    return Running(gw, stop, config)
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def serving(task_status: trio.TaskStatus[Gateway]) -> None:
+        try:
+            await serve_gateway(config, stop=stop, task_status=task_status)
+        finally:
+            stopped.set()
+
+    gw = await nursery.start(serving)
+    return Running(gw, stop, config, stopped)
 
 
 async def register(client: httpx.AsyncClient, name: str = "test") -> str:

@@ -144,6 +144,10 @@ async def start_job(
     return handle
 
 
+# One encoder for every compact JSON here (``json.dumps`` with options builds one per call).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class _Shape:
     """Builds OpenAI chunk and response objects for one job."""
 
@@ -153,6 +157,30 @@ class _Shape:
         self.kind = kind
         self.created = int(time.time())
         self.role_sent = False
+        self._around: tuple[bytes, bytes] | None = None
+
+    def delta_event(self, delta: Delta, with_usage: bool) -> bytes:
+        """``_sse(self.chunk(delta))`` (plus ``"usage": null`` when ``with_usage``) without
+        building and encoding the whole chunk for every token: the bytes around the
+        delta are the same for the whole stream, made once."""
+        if self._around is None:
+            chat = self.kind != "completion"
+            head = (
+                f'data: {{"id":{_compact(self.id)},"object":'
+                + ('"chat.completion.chunk"' if chat else '"text_completion"')
+                + f',"created":{self.created},"model":{_compact(self.model)}'
+                + (',"system_fingerprint":null,"choices":[{"index":0,"delta":' if chat else
+                   ',"choices":[{"index":0,"text":')
+            )  # fmt: skip
+            tail = ',"logprobs":null,"finish_reason":null}]'
+            tail += (',"usage":null' if with_usage else "") + "}\n\n"
+            self._around = (head.encode(), tail.encode())
+        head, tail = self._around
+        if self.kind == "completion":
+            inner = _compact(delta.content or "")
+        else:
+            inner = _compact(self._delta_object(delta))
+        return head + inner.encode() + tail
 
     def chunk(self, delta: Delta | None, finish_reason: str | None = None) -> dict[str, Any]:
         if self.kind == "completion":
@@ -170,6 +198,19 @@ class _Shape:
                     }
                 ],
             }
+        out = self._delta_object(delta)
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "delta": out, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+
+    def _delta_object(self, delta: Delta | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if not self.role_sent:
             out["role"] = "assistant"
@@ -183,16 +224,7 @@ class _Shape:
                 out["refusal"] = delta.refusal
             if delta.tool_calls:
                 out["tool_calls"] = delta.tool_calls
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": [
-                {"index": 0, "delta": out, "logprobs": None, "finish_reason": finish_reason}
-            ],
-        }
+        return out
 
     def usage_chunk(self, bill: Bill) -> dict[str, Any]:
         return {
@@ -206,7 +238,7 @@ class _Shape:
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _compact(obj).encode() + b"\n\n"
 
 
 def stream_body(
@@ -219,10 +251,7 @@ def stream_body(
     def render(event: Event) -> tuple[bytes, bool]:
         """One event as SSE bytes, and whether the stream ends with it."""
         if isinstance(event, Delta):
-            chunk = shape.chunk(event)
-            if include_usage:
-                chunk["usage"] = None
-            return _sse(chunk), False
+            return shape.delta_event(event, include_usage), False
         if isinstance(event, Final):
             chunk = shape.chunk(None, event.finish_reason)
             if include_usage:

@@ -4,6 +4,7 @@ e2e drives real external components; bench measures (never part of the default s
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -175,6 +176,10 @@ def bench(session: nox.Session) -> None:
         return
     env = {}
     if "--peer" in session.posargs:
+        # The non-stream phases' load comes from wrk (Debian's package), a client in C.
+        if shutil.which("wrk") is None:
+            session.run("apt-get", "update", "-q", external=True)
+            session.run("apt-get", "install", "-y", "-q", "wrk", external=True)
         # LiteLLM in its own virtualenv: the last version whose proxy extra installs from
         # the package index here.
         venv = Path(session.virtualenv.location).parent / "litellm-peer"

@@ -21,10 +21,13 @@ from typing import Any, Protocol
 
 import attrs
 import httpx
+import trio
 
 from owlrun.errors import EngineError
 from owlrun.protocol import MAX_TOKENS, MAX_TOOL_CALLS, Delta, Job, ModelInfo, Usage
 
+# How long the end of an answer's body is waited for once the answer is complete.
+REST_OF_BODY_SECONDS = 2.0
 # A chat template adds a few tokens per message (role markers) and per prompt (the
 # assistant's opening); counted on ChatML-style templates.
 TEMPLATE_TOKENS_PER_MESSAGE = 3
@@ -290,7 +293,8 @@ class OllamaEngine:
         tool_index = 0
         async with self.client.stream("POST", f"{self.url}{path}", json=body) as response:
             _raise_for(response, "generation")
-            async for line in response.aiter_lines():
+            lines = response.aiter_lines()
+            async for line in lines:
                 if not line.strip():
                     continue
                 try:
@@ -341,8 +345,21 @@ class OllamaEngine:
                     yield Finish(
                         reason if reason in ("stop", "length", "tool_calls") else "stop", usage
                     )
+                    await _rest_of_body(lines)
                     return
         raise EngineError("engine closed the stream before it was done", True)
+
+
+async def _rest_of_body(lines: AsyncIterator[str]) -> None:
+    """Read what is left of an answer's body once its end was seen (from an engine that
+    follows its protocol: nothing but the end of the chunked body), so that the
+    connection goes back to the client's pool instead of being closed: a connection per
+    job costs the engine and the agent a TCP handshake and a new HTTP exchange. Bounded:
+    an engine that keeps the body open after its end costs a new connection, not a job.
+    It runs after the job's ``Finish`` has been handed on, off the answer's path."""
+    with trio.move_on_after(REST_OF_BODY_SECONDS):
+        async for _ in lines:
+            pass
 
 
 def _tool_call_delta(call: Any, index: int) -> dict[str, Any] | None:
@@ -463,7 +480,8 @@ class OpenAIEngine:
             "POST", f"{self.url}{path}", json=body, headers=self._headers()
         ) as response:
             _raise_for(response, "generation")
-            async for line in response.aiter_lines():
+            lines = response.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
@@ -508,11 +526,14 @@ class OpenAIEngine:
                         yield delta
                     if choice.get("finish_reason"):
                         finish = str(choice["finish_reason"])
-        if finish is None:
-            raise EngineError("engine closed the stream before it was done", True)
-        if usage is None or usage.completion_tokens is None:
-            # No usage chunk (llama-cpp-python ignores include_usage): report what we streamed.
-            usage = Usage(
-                prompt_tokens=usage.prompt_tokens if usage else None, completion_tokens=counted
-            )
-        yield Finish(finish, usage)
+            if finish is None:
+                raise EngineError("engine closed the stream before it was done", True)
+            if usage is None or usage.completion_tokens is None:
+                # No usage chunk (llama-cpp-python ignores include_usage): report what we
+                # streamed.
+                usage = Usage(
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    completion_tokens=counted,
+                )
+            yield Finish(finish, usage)
+            await _rest_of_body(lines)

@@ -331,6 +331,7 @@ async def main() -> None:
     if peer not in ("", "litellm"):
         raise SystemExit(f"--peer: only litellm is known, not {peer!r}")
     n = 300 if quick else 2000
+    seconds = 3 if quick else 10  # each non-stream phase of --peer (wrk)
     rows: list[tuple[str, str]] = []
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count()}
     gateway_cores, other_cores = cores()
@@ -392,10 +393,12 @@ async def main() -> None:
             )
             direct = httpx.AsyncClient(base_url=engine_url, timeout=120, limits=limits)
             if peer:
-                ours = await figures(c, lambda: tree_cpu(gateway.pid), n)
+                ours = await figures(c, lambda: tree_cpu(gateway.pid), n, seconds)
                 ours["rss_mib"] = tree_rss(gateway.pid)
-                engine_only = await figures(direct, None, n)
-                floor = await floor_figures(tmp, int(ours["stream_writes"]), gateway_cores, n)
+                engine_only = await figures(direct, None, n, seconds)
+                floor = await floor_figures(
+                    tmp, int(ours["stream_writes"]), gateway_cores, n, seconds
+                )
                 litellm = os.environ.get("ROUTECAT_BENCH_LITELLM", "")
                 if not litellm:
                     raise SystemExit(
@@ -409,7 +412,7 @@ async def main() -> None:
                         limits=limits,
                         headers={"Authorization": "Bearer sk-bench-master-key"},
                     ) as lc:
-                        theirs = await figures(lc, lambda: tree_cpu(lite.pid), n)
+                        theirs = await figures(lc, lambda: tree_cpu(lite.pid), n, seconds)
                         theirs["rss_mib"] = tree_rss(lite.pid)
                 finally:
                     lite.terminate()

@@ -42,6 +42,7 @@ class Knobs:
     report_usage: bool = True
     models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
     context_length: int | None = None  # reported by /api/show and /v1/models
+    linger: float = 0.0  # seconds the body stays open after the answer's end
 
 
 def fake_vector(text: Any, dimensions: int | None = None) -> list[float]:
@@ -62,6 +63,8 @@ class FakeEngine:
     knobs: Knobs = attrs.Factory(Knobs)
     model_knobs: dict[str, Knobs] = attrs.Factory(dict)  # overrides for some models
     requests: list[dict[str, Any]] = attrs.Factory(list)
+    # The client address (host, port) of each generation request: one per connection.
+    peers: list[Any] = attrs.Factory(list)
     active: int = 0
     aborted: list[float] = attrs.Factory(list)  # when each abort was seen (monotonic)
     finished: int = 0
@@ -183,6 +186,7 @@ class FakeEngine:
 
     async def serve(self, body: dict[str, Any], kind: str, dialect: str) -> Any:
         self.requests.append(body)
+        self.peers.append(tuple(request.scope.get("client") or ()))
         k = self.model_knobs.get(str(body.get("model")), self.knobs)
         if k.fail_status is not None:
             return Response(json.dumps({"error": "failing on purpose"}), status=k.fail_status)
@@ -274,6 +278,7 @@ class FakeEngine:
             if dialect == "openai":
                 yield b"data: [DONE]\n\n"
             complete = True
+            await trio.sleep(k.linger)
         finally:
             self.active -= 1
             entry["complete"] = complete

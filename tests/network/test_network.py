@@ -206,6 +206,49 @@ async def test_client_disconnect_aborts_engine(nursery: trio.Nursery, tmp_path: 
         assert result_outcomes == ["client_gone"]
 
 
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_the_agent_keeps_one_connection_to_its_engine(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """Jobs one after the other reuse the agent's connection to the engine: it reads
+    each answer's body to its end instead of dropping the connection at the last event."""
+    with trio.fail_after(20):
+        net = await start_network(nursery, tmp_path, backend=backend)
+        async with net.client() as c:
+            for n in range(3):
+                r = await c.post("/v1/chat/completions", json=chat(f"ask {n}"))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == f"You said: ask {n}"
+                async with c.stream(
+                    "POST", "/v1/chat/completions", json=chat(f"stream {n}", stream=True)
+                ) as s:
+                    events, done, _ = await read_sse(s)
+                assert done and text_of(events) == f"You said: stream {n}"
+        await wait_for(lambda: len(net.settled) == 6)
+    assert len(net.engine.peers) == 6
+    assert len(set(net.engine.peers)) == 1, net.engine.peers
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_an_engine_that_keeps_the_body_open_after_the_answer_costs_no_job(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """The end of the body is waited for only briefly after the answer's end: an engine
+    that holds it open delays nothing, fails nothing, and the next job still runs."""
+    with trio.fail_after(20):
+        net = await start_network(nursery, tmp_path, backend=backend, knobs=Knobs(linger=3600))
+        async with net.client() as c:
+            for n in range(2):
+                r = await c.post("/v1/chat/completions", json=chat(f"ask {n}"))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == f"You said: ask {n}"
+        await wait_for(lambda: len(net.settled) == 2)
+        # The agent gave up on each lingering body: two connections, both let go.
+        await wait_for(lambda: net.nodes[0].agent.statistics()["in_flight"] == 0, timeout=5)
+    assert len(set(net.engine.peers)) == 2
+    assert net.engine.active == 0
+
+
 async def test_node_killed_before_first_token_fails_over(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

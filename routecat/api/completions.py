@@ -175,12 +175,12 @@ class _Shape:
             tail = ',"logprobs":null,"finish_reason":null}]'
             tail += (',"usage":null' if with_usage else "") + "}\n\n"
             self._around = (head.encode(), tail.encode())
-        head, tail = self._around
+        before, after = self._around
         if self.kind == "completion":
             inner = _compact(delta.content or "")
         else:
             inner = _compact(self._delta_object(delta))
-        return head + inner.encode() + tail
+        return before + inner.encode() + after
 
     def chunk(self, delta: Delta | None, finish_reason: str | None = None) -> dict[str, Any]:
         if self.kind == "completion":

@@ -18,6 +18,7 @@ garbage, or a stream that ends without ``done``/``error`` fails only that attemp
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -51,6 +52,8 @@ INTERNAL_PATH = "/internal/v1/nodes/{node_id}/jobs"
 STOCK_FETCH_PATH = "/internal/v1/stock/jobs/{job_id}"  # a stock agent's job fetch
 KEY_HASH_HEADER = "X-RouteCat-Provider-Key-Hash"  # the agent's key, hashed: never the key
 MAX_LINE = 4 * 1024 * 1024
+# How long the end of a forwarded job's stream is waited for after its last frame.
+REST_OF_STREAM_SECONDS = 2.0
 
 
 @attrs.define(eq=False)
@@ -207,7 +210,8 @@ class Forwarder:
                     if response.status_code != 200:
                         reason = f"the serving replica answered HTTP {response.status_code}"
                     else:
-                        async for line in response.aiter_lines():
+                        lines = response.aiter_lines()
+                        async for line in lines:
                             if len(line) > MAX_LINE:
                                 reason = "a frame over the size limit"
                                 break
@@ -220,6 +224,7 @@ class Forwarder:
                                 raise ProtocolError("a frame for another job")
                             attempt.deliver_nowait(frame)
                             if isinstance(frame, Done | Embedded | JobError):
+                                await _rest_of_stream(lines)
                                 return
             except ProtocolError as exc:
                 reason = f"protocol violation from the serving replica: {exc}"
@@ -248,3 +253,13 @@ class Forwarder:
             log.warning("job %s not fetched from replica %s: %r", job_id, link.replica_id, exc)
             return None
         return body if isinstance(body, dict) else None
+
+
+async def _rest_of_stream(lines: AsyncIterator[str]) -> None:
+    """Read the end of a forwarded job's stream once its last frame has been handed on
+    (the serving replica ends the body right after it), so that the connection goes
+    back to the pool: a new connection per forwarded job would cost both replicas a TCP
+    handshake. Bounded: a replica that keeps the stream open costs a new connection."""
+    with trio.move_on_after(REST_OF_STREAM_SECONDS):
+        async for _ in lines:
+            pass

@@ -5,9 +5,12 @@ with that reason."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -32,9 +35,14 @@ SECRET = "cluster-secret-for-tests-0123456789"
 
 
 async def start_replicas(
-    nursery: trio.Nursery, tmp_path: Path, n: int, **overrides: Any
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    n: int,
+    first_only: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> list[Running]:
-    """``n`` gateways on one database, each with its own admin socket."""
+    """``n`` gateways on one database, each with its own admin socket (``first_only``:
+    settings of the first one alone)."""
     environ = {"ROUTECAT_CLUSTER_SECRET": SECRET}
     first = network_config(
         tmp_path,
@@ -42,7 +50,7 @@ async def start_replicas(
         cluster_interval="0.2",
         replica_liveness="2",
         admin_socket=str(tmp_path / "r0.sock"),
-        **overrides,
+        **{**overrides, **(first_only or {})},
     )
     replicas = [await start_gateway(nursery, first)]
     for i in range(1, n):
@@ -110,6 +118,76 @@ async def test_a_replica_without_nodes_forwards_to_the_one_that_has_them(
         assert earned["earned_msat"] > 0
         assert b.gw.forwarder.forwarded == 2 and not a.gw.forwarder.forwarded
         await ledger_ok(a)
+
+
+@attrs.define
+class CountingProxy:
+    """A TCP relay to ``target`` that counts the connections it accepted."""
+
+    url: str = ""
+    target: tuple[str, int] | None = None
+    accepted: int = 0
+
+
+async def start_counting_proxy(nursery: trio.Nursery) -> CountingProxy:
+    proxy = CountingProxy()
+
+    async def relay(client: trio.SocketStream) -> None:
+        proxy.accepted += 1
+        assert proxy.target is not None
+
+        async def one_way(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await source.receive_some(65536):
+                    await sink.send_all(data)
+            pair.cancel_scope.cancel()  # either side's end ends both
+
+        async with (
+            client,
+            await trio.open_tcp_stream(*proxy.target) as server,
+            trio.open_nursery() as pair,
+        ):
+            pair.start_soon(one_way, client, server)
+            pair.start_soon(one_way, server, client)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+    proxy.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    return proxy
+
+
+async def test_forwarded_jobs_share_one_connection_between_replicas(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """B reads each forwarded job's stream to its end, so its jobs to A go over one
+    connection instead of one each (A is reached through a relay that counts them)."""
+    with trio.fail_after(60):
+        proxy = await start_counting_proxy(nursery)
+        a, b = await start_replicas(
+            nursery, tmp_path, 2, {"advertise_url": proxy.url}, catalog=catalog(tmp_path)
+        )
+        host, port = a.url.split("//")[1].rsplit(":", 1)
+        proxy.target = (host, int(port))
+        engine = await start_engine(nursery)
+        await start_node(nursery, a.url, engine)
+        for _ in range(100):
+            if await sees_model(b):
+                break
+            await trio.sleep(0.1)
+        async with b.client() as c:
+            key = await register(c)
+        await fund(b, key, 10_000)
+        async with b.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            for n in range(3):
+                r = await c.post("/v1/chat/completions", json=chat(f"ask {n}"))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == f"You said: ask {n}"
+            async with c.stream(
+                "POST", "/v1/chat/completions", json=chat("streamed", stream=True)
+            ) as s:
+                events, done, _ = await read_sse(s)
+            assert done and text_of(events) == "You said: streamed"
+    assert b.gw.forwarder.forwarded == 4 and not a.gw.forwarder.forwarded
+    assert proxy.accepted == 1
 
 
 async def test_a_forwarded_stream_cancelled_by_its_client_stops_on_the_node(

@@ -13,6 +13,7 @@ output the user pays for, so they must reach the user.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import struct
@@ -355,9 +356,10 @@ async def _rest_of_body(lines: AsyncIterator[str]) -> None:
     follows its protocol: nothing but the end of the chunked body), so that the
     connection goes back to the client's pool instead of being closed: a connection per
     job costs the engine and the agent a TCP handshake and a new HTTP exchange. Bounded:
-    an engine that keeps the body open after its end costs a new connection, not a job.
-    It runs after the job's ``Finish`` has been handed on, off the answer's path."""
-    with trio.move_on_after(REST_OF_BODY_SECONDS):
+    an engine that keeps the body open after its end, or breaks the connection there,
+    costs a new connection, not a job (the answer is complete and its ``Finish`` has
+    already been handed on: this runs off the answer's path)."""
+    with trio.move_on_after(REST_OF_BODY_SECONDS), contextlib.suppress(httpx.HTTPError):
         async for _ in lines:
             pass
 

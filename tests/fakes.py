@@ -43,6 +43,7 @@ class Knobs:
     models: list[str] = attrs.Factory(lambda: ["llama3.1:8b"])
     context_length: int | None = None  # reported by /api/show and /v1/models
     linger: float = 0.0  # seconds the body stays open after the answer's end
+    break_at_end: bool = False  # drop the connection after the answer's end (no clean end)
 
 
 def fake_vector(text: Any, dimensions: int | None = None) -> list[float]:
@@ -279,6 +280,8 @@ class FakeEngine:
                 yield b"data: [DONE]\n\n"
             complete = True
             await trio.sleep(k.linger)
+            if k.break_at_end:
+                raise RuntimeError("engine broke the connection after the answer on purpose")
         finally:
             self.active -= 1
             entry["complete"] = complete

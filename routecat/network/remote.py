@@ -17,6 +17,7 @@ garbage, or a stream that ends without ``done``/``error`` fails only that attemp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -201,7 +202,7 @@ class Forwarder:
     ) -> None:
         url = link.replica_url.rstrip("/") + INTERNAL_PATH.format(node_id=link.id)
         headers = {"Authorization": f"Bearer {self.config.cluster_secret}"}
-        reason = "the serving replica's stream ended early"
+        reason: str | None = "the serving replica's stream ended early"
         with scope:
             try:
                 async with self.client.stream(
@@ -224,14 +225,15 @@ class Forwarder:
                                 raise ProtocolError("a frame for another job")
                             attempt.deliver_nowait(frame)
                             if isinstance(frame, Done | Embedded | JobError):
+                                reason = None  # the job's last frame: nothing failed
                                 await _rest_of_stream(lines)
-                                return
+                                break
             except ProtocolError as exc:
                 reason = f"protocol violation from the serving replica: {exc}"
             except httpx.HTTPError as exc:
                 reason = f"the serving replica is unreachable ({type(exc).__name__})"
         link._jobs.pop(job.job_id, None)
-        if not scope.cancelled_caught:
+        if reason is not None and not scope.cancelled_caught:
             attempt.fail_nowait(reason)
 
     async def fetch_stock_request(
@@ -259,7 +261,8 @@ async def _rest_of_stream(lines: AsyncIterator[str]) -> None:
     """Read the end of a forwarded job's stream once its last frame has been handed on
     (the serving replica ends the body right after it), so that the connection goes
     back to the pool: a new connection per forwarded job would cost both replicas a TCP
-    handshake. Bounded: a replica that keeps the stream open costs a new connection."""
-    with trio.move_on_after(REST_OF_STREAM_SECONDS):
+    handshake. Bounded: a replica that keeps the stream open, or breaks it there, costs
+    a new connection, not the job (its last frame is already delivered)."""
+    with trio.move_on_after(REST_OF_STREAM_SECONDS), contextlib.suppress(httpx.HTTPError):
         async for _ in lines:
             pass

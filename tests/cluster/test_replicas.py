@@ -188,6 +188,9 @@ async def test_forwarded_jobs_share_one_connection_between_replicas(
             assert done and text_of(events) == "You said: streamed"
     assert b.gw.forwarder.forwarded == 4 and not a.gw.forwarder.forwarded
     assert proxy.accepted == 1
+    # Nothing of the finished jobs is kept on B's side of the link.
+    (link,) = b.gw.registry.remote.values()
+    assert not link._jobs and not link.attempts
 
 
 async def test_a_forwarded_stream_cancelled_by_its_client_stops_on_the_node(

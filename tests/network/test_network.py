@@ -249,6 +249,29 @@ async def test_an_engine_that_keeps_the_body_open_after_the_answer_costs_no_job(
     assert len(set(net.engine.peers)) == 2
 
 
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_an_engine_breaking_the_connection_after_the_answer_costs_no_job(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """A connection broken after the answer's end (no clean end of the body) is only a
+    connection lost: the job is done, no error follows its done, the node stays."""
+    with trio.fail_after(20):
+        net = await start_network(
+            nursery, tmp_path, backend=backend, knobs=Knobs(break_at_end=True)
+        )
+        link = next(iter(net.gateway.gw.registry.nodes.values()))
+        async with net.client() as c:
+            for n in range(3):
+                r = await c.post("/v1/chat/completions", json=chat(f"ask {n}"))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == f"You said: ask {n}"
+        await wait_for(lambda: net.nodes[0].agent.statistics()["in_flight"] == 0)
+        assert net.nodes[0].agent.totals.jobs == 3
+        assert net.nodes[0].agent.totals.failed == 0
+        assert next(iter(net.gateway.gw.registry.nodes.values())) is link
+        assert link.closed_reason is None
+
+
 async def test_node_killed_before_first_token_fails_over(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

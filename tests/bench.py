@@ -325,6 +325,7 @@ async def main() -> None:
         tree_cpu,
         tree_rss,
     )
+    from tests.procs import terminate
 
     quick = "--quick" in sys.argv
     peer = option("--peer")
@@ -415,11 +416,7 @@ async def main() -> None:
                         theirs = await figures(lc, lambda: tree_cpu(lite.pid), n, seconds)
                         theirs["rss_mib"] = tree_rss(lite.pid)
                 finally:
-                    lite.terminate()
-                    with trio.move_on_after(10):
-                        await lite.wait()
-                    if lite.returncode is None:
-                        lite.kill()
+                    await terminate(lite)
                 await direct.aclose()
                 pinned = (
                     "gateway pinned to one core" if gateway_cores != other_cores else "one core"

@@ -25,7 +25,7 @@ import httpx
 import trio
 
 from tests.bench import chat, cpu_seconds, pct, rss_mib, timed_requests
-from tests.procs import tree
+from tests.procs import terminate, tree
 
 LITELLM_KEY = "sk-bench-master-key"
 
@@ -218,6 +218,13 @@ async def figures(
     return out
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a server that takes its port as an argument."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 async def start_litellm(
     litellm: str, engine_url: str, tmp: str, cpus: set[int]
 ) -> tuple[trio.Process, str]:
@@ -235,9 +242,7 @@ async def start_litellm(
         f"model_list:\n{models}general_settings:\n  master_key: {LITELLM_KEY}\n"
         "litellm_settings:\n  drop_params: true\n"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "LITELLM_LOG": "ERROR",
@@ -270,9 +275,7 @@ async def start_litellm(
 
 async def start_floor(tmp: str, writes: int, cpus: set[int]) -> tuple[trio.Process, str]:
     """The server stack alone (``tests.bench_floor``), pinned like a gateway; its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(Path(tmp) / "floor.log", "wb")  # noqa: SIM115 - a file nobody must drain
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tests.bench_floor", str(port), str(writes)],
@@ -305,11 +308,7 @@ async def floor_figures(
             out = await figures(client, lambda: tree_cpu(process.pid), n, seconds)
         out["rss_mib"] = tree_rss(process.pid)
     finally:
-        process.terminate()
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
+        await terminate(process)
     return out
 
 

@@ -24,6 +24,7 @@ import trio
 
 from tests import pgcluster
 from tests.bench import chat, cpu_seconds, pct, read_line_with, timed_requests
+from tests.procs import terminate
 
 
 def postgres_pids() -> list[int]:
@@ -142,12 +143,7 @@ async def setup(database: str, replicas: int, tmp: Path, n: int) -> list[tuple[s
                 await c.aclose()
     finally:
         for proc in reversed(procs):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(10):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
+            await terminate(proc)
     return rows
 
 

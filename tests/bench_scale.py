@@ -63,6 +63,7 @@ from owlrun.protocol import (
 )
 from tests.bench import cpu_seconds, option, pct, rss_mib
 from tests.bench_peer import cores, pin
+from tests.procs import terminate
 
 STAMP = re.compile(rb'"content":"S(\d+\.\d+) "')
 
@@ -212,14 +213,6 @@ async def paying_key(url: str, env: dict[str, str]) -> str:
     return str(key)
 
 
-async def stop(process: trio.Process) -> None:
-    process.terminate()
-    with trio.move_on_after(20):
-        await process.wait()
-    if process.returncode is None:
-        process.kill()
-
-
 async def open_stream(
     host: str, port: int, key: str, model: str, delays: list[float], opened: Callable[[], None]
 ) -> None:
@@ -350,7 +343,7 @@ async def bench_streams(count: int, seconds: float) -> list[tuple[str, str]]:
             ),
         ]
     finally:
-        await stop(gateway)
+        await terminate(gateway, 20)
     return rows
 
 
@@ -411,7 +404,7 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
             rows.append((f"gateway RSS with {len(nodes)} nodes", f"{rss:.0f} MiB"))
             nursery.cancel_scope.cancel()
     finally:
-        await stop(gateway)
+        await terminate(gateway, 20)
     return rows
 
 
@@ -546,7 +539,7 @@ async def bench_growth(key_counts: list[int], postings: int, jobs: int) -> list[
                 await fn(gateway, url, env)
                 nursery.cancel_scope.cancel()
         finally:
-            await stop(gateway)
+            await terminate(gateway, 20)
         return took
 
     async def keys_phase(gateway: trio.Process, url: str, env: dict[str, str]) -> None:

@@ -40,6 +40,17 @@ async def stop_process(process: trio.Process) -> None:
                 await process.stdout.aclose()
 
 
+async def terminate(process: trio.Process, grace: float = 10) -> None:
+    """Ask a child to stop (SIGTERM) and kill it if it is still there after ``grace``
+    seconds."""
+    if process.returncode is None:
+        process.terminate()
+    with trio.move_on_after(grace):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

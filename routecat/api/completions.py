@@ -162,7 +162,8 @@ class _Shape:
     def delta_event(self, delta: Delta, with_usage: bool) -> bytes:
         """``_sse(self.chunk(delta))`` (plus ``"usage": null`` when ``with_usage``) without
         building and encoding the whole chunk for every token: the bytes around the
-        delta are the same for the whole stream, made once."""
+        delta are the same for the whole stream, made once (so ``with_usage`` is the
+        stream's, the same on every call)."""
         if self._around is None:
             chat = self.kind != "completion"
             head = (

@@ -61,8 +61,9 @@ async def test_key_authenticates_and_survives_restart(
                 "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
             )
             assert_error(r, 404, "model_not_found")
+            forged = key[:-1] + ("Y" if key.endswith("X") else "X")  # never the key itself
             r = await c.post(
-                "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key[:-1]}X"}
+                "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {forged}"}
             )
             assert_error(r, 401, "invalid_api_key")
         await second.halt()  # no checkpoint moving rows between the files being read

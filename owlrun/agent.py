@@ -27,12 +27,13 @@ import trio_websocket
 
 from owlrun import __version__
 from owlrun.engines import Embeddings, Engine, Finish
-from owlrun.errors import EngineError, RefusedError
+from owlrun.errors import EngineError, GatewayLost, RefusedError
 from owlrun.identity import Identity
 from owlrun.protocol import (
     MAX_BATCH,
     NODE_HEADER,
     PROTOCOL_VERSION,
+    QUIET_GATEWAY_PROTOCOL,
     SECRET_HEADER,
     WS_PATH,
     Cancel,
@@ -105,11 +106,16 @@ async def open_gateway_socket(
                     extra_headers=[(k.encode(), v.encode()) for k, v in headers],
                     max_message_size=max_message_size,
                 )
+            dead = False
             try:
                 yield ws
+            except BaseException as exc:
+                dead = any(isinstance(e, GatewayLost) for e in _leaves(exc))
+                raise
             finally:
-                with trio.move_on_after(2, shield=True):
-                    await ws.aclose()
+                if not dead:  # a close handshake over a dead path would only wait
+                    with trio.move_on_after(2, shield=True):
+                        await ws.aclose()
                 nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
@@ -220,6 +226,7 @@ class Agent:
     _acks: set[str] = attrs.Factory(set)
     _flushed: trio.Event = attrs.Factory(trio.Event)
     _current: int = 0  # index of the gateway in use
+    _heard: float = 0.0  # when the gateway last said anything (trio's clock)
 
     @property
     def gateways(self) -> list[str]:
@@ -315,6 +322,7 @@ class Agent:
                 raise ProtocolError(f"expected welcome, got {reply.type}")
             self.heartbeat_interval = reply.heartbeat_interval
             self.protocol_version = min(reply.protocol_version, PROTOCOL_VERSION)
+            self._heard = trio.current_time()
             self.connected = True
             self._welcomed = True
             self.sessions += 1
@@ -332,6 +340,8 @@ class Agent:
                     self._session_scope = nursery.cancel_scope
                     nursery.start_soon(self._sender, ws, receive)
                     nursery.start_soon(self._heartbeats)
+                    if self.protocol_version >= QUIET_GATEWAY_PROTOCOL:
+                        nursery.start_soon(self._check_gateway, ws)
                     nursery.start_soon(self._watch_models)
                     nursery.start_soon(self._summaries)
                     task_status.started()
@@ -392,6 +402,25 @@ class Agent:
             await trio.sleep(self.heartbeat_interval)
             await self._send(Heartbeat(in_flight=len(self._jobs)))
 
+    async def _check_gateway(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Version 4: the gateway does not answer heartbeats, so when it has said nothing
+        for two intervals the agent pings it (its server answers, whatever its
+        application is doing); no pong within one more interval is a lost connection.
+        A dead gateway or path is found within three intervals, as before, and an idle
+        node costs the gateway one ping every two intervals instead of an answer to
+        every heartbeat."""
+        quiet = max(2 * self.heartbeat_interval, 1.0)
+        wait = max(self.heartbeat_interval, 0.5)
+        while True:
+            await trio.sleep_until(self._heard + quiet)
+            if trio.current_time() < self._heard + quiet:
+                continue  # a frame came meanwhile
+            with trio.move_on_after(wait):
+                await ws.ping()
+                self._heard = trio.current_time()
+                continue
+            raise GatewayLost(f"the gateway did not answer a ping within {wait:g}s")
+
     async def _watch_models(self) -> None:
         while True:
             await trio.sleep(self.model_refresh)
@@ -423,9 +452,16 @@ class Agent:
         self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery
     ) -> None:
         silence = max(3 * self.heartbeat_interval, 1.0)
+        quiet_gateway = self.protocol_version >= QUIET_GATEWAY_PROTOCOL
         while True:
-            with trio.fail_after(silence):
+            if quiet_gateway:  # its silence is _check_gateway's business
                 frame = await ws.get_message()
+                self._heard = trio.current_time()
+            else:  # an older gateway answers every heartbeat
+                with trio.move_on_after(silence) as waited:
+                    frame = await ws.get_message()
+                if waited.cancelled_caught:
+                    raise GatewayLost(f"the gateway said nothing for {silence:g}s")
             message = decode(frame)
             if isinstance(message, Job):
                 if self.draining or len(self._busy) >= self.max_jobs:

@@ -5,6 +5,7 @@ Tree::
     OwlrunError
     ├── EngineError      the local engine failed a job (``retryable`` says if another node may try)
     ├── RefusedError     the gateway refused this node (wrong secret, banned, bad version)
+    ├── GatewayLost      the gateway went silent: no frame, no pong (also a ``ConnectionError``)
     └── ProtocolError    a frame that is not a valid message of this protocol version (also a
                          ``ValueError``; ``owlrun.protocol`` raises it, the gateway too)
 """
@@ -28,6 +29,11 @@ class RefusedError(OwlrunError):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+
+
+class GatewayLost(OwlrunError, ConnectionError):
+    """The gateway said nothing (protocol 4: not even a pong) for too long: the path
+    to it is taken for dead, so the connection is dropped without a close handshake."""
 
 
 class ProtocolError(OwlrunError, ValueError):

@@ -3,6 +3,8 @@ of fake engines, and the helpers that register and fund keys against them."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -360,3 +362,53 @@ async def earn(
             r = await c.post("/v1/chat/completions", json=chat(f"job {i}", max_tokens=2000))
             assert r.status_code == 200, r.text
     return net, lnurl
+
+
+@attrs.define(eq=False)
+class Relay:
+    """A TCP relay to ``target`` (``host:port``, settable after it starts) that counts
+    the connections it accepted and can play a dead path: ``freeze()`` makes every
+    connection open now swallow whatever either end sends, its close included (a cable
+    pulled, a NAT entry gone), while new connections pass as before. A frozen
+    connection lasts as long as the relay."""
+
+    url: str = ""
+    target: tuple[str, int] | None = None
+    accepted: int = 0
+    frozen_up_to: int = 0  # connections numbered up to this one are dead paths
+
+    def freeze(self) -> None:
+        self.frozen_up_to = self.accepted
+
+
+async def start_relay(nursery: trio.Nursery, target: str | None = None) -> Relay:
+    relay = Relay()
+    if target is not None:
+        host, port = target.split("//")[-1].rsplit(":", 1)
+        relay.target = (host, int(port))
+
+    async def serve(client: trio.SocketStream) -> None:
+        relay.accepted += 1
+        number = relay.accepted
+        assert relay.target is not None
+
+        async def one_way(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await source.receive_some(65536):
+                    if number > relay.frozen_up_to:
+                        await sink.send_all(data)
+            if number <= relay.frozen_up_to:
+                await trio.sleep_forever()  # a dead path carries no close either
+            pair.cancel_scope.cancel()  # either side's end ends both
+
+        async with (
+            client,
+            await trio.open_tcp_stream(*relay.target) as server,
+            trio.open_nursery() as pair,
+        ):
+            pair.start_soon(one_way, client, server)
+            pair.start_soon(one_way, server, client)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    relay.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    return relay

@@ -27,6 +27,7 @@ import trio
 from owlrun.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    QUIET_GATEWAY_PROTOCOL,
     Cancelled,
     Chunk,
     Chunks,
@@ -200,8 +201,10 @@ async def _receive_loop(
     transport: Transport,
     nursery: trio.Nursery,
 ) -> None:
-    # The gateway's heartbeat answers the node's, at most one per half interval (a
-    # node that beats faster gets no more): one timer fewer per node.
+    # Before version 4 the gateway's heartbeat answers the node's, at most one per half
+    # interval (a node that beats faster gets no more): one timer fewer per node. From
+    # version 4 it is not answered (the agent pings when the gateway has been quiet):
+    # an answer cost the gateway more than the heartbeat it answered.
     answered = -math.inf
     while True:
         frame = await transport.receive()
@@ -235,7 +238,8 @@ async def _receive_loop(
         elif isinstance(message, Heartbeat):
             if now - answered >= config.heartbeat_interval / 2:
                 answered = now
-                link.send_nowait(Heartbeat(in_flight=link.in_flight))
+                if link.protocol_version < QUIET_GATEWAY_PROTOCOL:
+                    link.send_nowait(Heartbeat(in_flight=link.in_flight))
                 link.forget_cancelled()
         elif isinstance(message, ModelsUpdate):
             if not models_ok(message.models):

@@ -5,12 +5,9 @@ with that reason."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 import trio
@@ -27,6 +24,7 @@ from tests.servers import (
     reopen,
     start_gateway,
     start_node,
+    start_relay,
 )
 
 pytestmark = pytest.mark.postgres_only
@@ -120,48 +118,13 @@ async def test_a_replica_without_nodes_forwards_to_the_one_that_has_them(
         await ledger_ok(a)
 
 
-@attrs.define
-class CountingProxy:
-    """A TCP relay to ``target`` that counts the connections it accepted."""
-
-    url: str = ""
-    target: tuple[str, int] | None = None
-    accepted: int = 0
-
-
-async def start_counting_proxy(nursery: trio.Nursery) -> CountingProxy:
-    proxy = CountingProxy()
-
-    async def relay(client: trio.SocketStream) -> None:
-        proxy.accepted += 1
-        assert proxy.target is not None
-
-        async def one_way(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                while data := await source.receive_some(65536):
-                    await sink.send_all(data)
-            pair.cancel_scope.cancel()  # either side's end ends both
-
-        async with (
-            client,
-            await trio.open_tcp_stream(*proxy.target) as server,
-            trio.open_nursery() as pair,
-        ):
-            pair.start_soon(one_way, client, server)
-            pair.start_soon(one_way, server, client)
-
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
-    proxy.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-    return proxy
-
-
 async def test_forwarded_jobs_share_one_connection_between_replicas(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """B reads each forwarded job's stream to its end, so its jobs to A go over one
     connection instead of one each (A is reached through a relay that counts them)."""
     with trio.fail_after(60):
-        proxy = await start_counting_proxy(nursery)
+        proxy = await start_relay(nursery)
         a, b = await start_replicas(
             nursery, tmp_path, 2, {"advertise_url": proxy.url}, catalog=catalog(tmp_path)
         )

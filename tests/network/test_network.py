@@ -16,10 +16,20 @@ import trio_websocket
 
 from owlrun.agent import open_gateway_socket
 from owlrun.identity import Identity
-from owlrun.protocol import NODE_HEADER, SECRET_HEADER, WS_PATH, Hello, ModelInfo, decode, encode
+from owlrun.protocol import (
+    NODE_HEADER,
+    QUIET_GATEWAY_PROTOCOL,
+    SECRET_HEADER,
+    WS_PATH,
+    Hello,
+    ModelInfo,
+    decode,
+    encode,
+)
+from routecat.network import session
 from tests.clients import MODEL, chat, read_sse, text_of, wait_for
 from tests.fakes import Knobs
-from tests.servers import assert_error, start_network, start_node
+from tests.servers import assert_error, start_network, start_node, start_relay
 
 
 def test_chunk_frames_round_trip_and_batches() -> None:
@@ -391,6 +401,37 @@ async def test_heartbeat_loss_evicts(nursery: trio.Nursery, tmp_path: Path) -> N
             # the application heartbeat can tell the node is gone.
             await wait_for(lambda: "node_silent1" not in net.gateway.gw.registry.nodes, timeout=5)
             assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("gateway_version", [QUIET_GATEWAY_PROTOCOL - 1, QUIET_GATEWAY_PROTOCOL])
+async def test_an_agent_finds_a_dead_path_to_its_gateway(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gateway_version: int
+) -> None:
+    """From protocol 4 the gateway answers no heartbeat: an idle agent stays connected
+    (it pings the quiet gateway, whose server answers). An older gateway answers each
+    heartbeat. Either way, when the path goes dead without closing, the agent reconnects
+    within about three heartbeat intervals (0.5 s here), and its jobs run again."""
+    monkeypatch.setattr(session, "PROTOCOL_VERSION", gateway_version)
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, nodes=0)
+        relay = await start_relay(nursery, net.url)
+        node = await start_node(nursery, relay.url, net.engine)
+        link = net.gateway.gw.registry.nodes[node.id]
+        assert link.protocol_version == node.agent.protocol_version == gateway_version
+        await trio.sleep(4)  # eight intervals with no job
+        assert node.agent.sessions == 1 and relay.accepted == 1
+        assert net.gateway.gw.registry.nodes[node.id] is link
+        relay.freeze()
+        lost = time.monotonic()
+        await wait_for(lambda: node.agent.sessions == 2 and node.agent.connected, timeout=5)
+        # Two quiet intervals, one to wait for the pong, then the backoff (<= 0.5 s).
+        assert time.monotonic() - lost < 2.5
+        assert relay.accepted == 2
+        await wait_for(lambda: link.closed_reason is not None, timeout=5)  # heartbeats lost
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("after the dead path"))
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == "You said: after the dead path"
 
 
 async def test_wrong_secret_for_known_id_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ import pytest
 import trio
 
 from owlrun.protocol import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    QUIET_GATEWAY_PROTOCOL,
     Chunk,
     Delta,
     Heartbeat,
@@ -46,11 +48,11 @@ class Peer:
         return decode(await self.from_gateway.receive())
 
 
-def hello(node_id: str = "node-1") -> Hello:
+def hello(node_id: str = "node-1", version: int = PROTOCOL_VERSION) -> Hello:
     return Hello(
         node_id=node_id,
         agent_version="test",
-        protocol_version=PROTOCOL_VERSION,
+        protocol_version=version,
         models=[ModelInfo(name="m")],
         max_concurrency=2,
     )
@@ -61,7 +63,7 @@ async def connect() -> AsyncIterator[tuple[Registry, object]]:
     reg = registry()
     async with trio.open_nursery() as nursery:
 
-        async def open_peer(node_id: str = "node-1") -> Peer:
+        async def open_peer(node_id: str = "node-1", version: int = PROTOCOL_VERSION) -> Peer:
             to_gateway, gateway_in = trio.open_memory_channel[str](100)
             gateway_out, from_gateway = trio.open_memory_channel[str](100)
             peer = Peer(to_gateway, from_gateway, [], trio.Event())
@@ -82,7 +84,7 @@ async def connect() -> AsyncIterator[tuple[Registry, object]]:
                     peer.ended.set()
 
             nursery.start_soon(session)
-            await peer.send(hello(node_id))
+            await peer.send(hello(node_id, version))
             assert isinstance(await peer.receive(), Welcome)
             return peer
 
@@ -103,9 +105,22 @@ async def test_silence_closes_the_node_after_the_missed_heartbeats(connect, auto
     assert attempt.failure == "node disconnected (no heartbeat for 30s)"
 
 
-async def test_heartbeats_keep_a_node_and_the_gateway_answers_each(connect, autojump_clock) -> None:
+async def received(peer: Peer) -> list[Message]:
+    """What the gateway sent the peer that it has not read yet."""
+    messages: list[Message] = []
+    while True:
+        with trio.move_on_after(0.1):
+            messages.append(await peer.receive())
+            continue
+        return messages
+
+
+@pytest.mark.parametrize("version", range(MIN_PROTOCOL_VERSION, QUIET_GATEWAY_PROTOCOL))
+async def test_heartbeats_keep_a_node_and_the_gateway_answers_each(
+    connect, autojump_clock, version: int
+) -> None:
     reg, open_peer = connect
-    peer = await open_peer()
+    peer = await open_peer(version=version)
     for _ in range(10):  # 100 virtual seconds
         await peer.send(Heartbeat())
         assert isinstance(await peer.receive(), Heartbeat)
@@ -115,15 +130,26 @@ async def test_heartbeats_keep_a_node_and_the_gateway_answers_each(connect, auto
     for _ in range(20):
         await peer.send(Heartbeat())
         await trio.sleep(0.5)
-    answers = 0
-    while True:
-        with trio.move_on_after(0.1):
-            assert isinstance(await peer.receive(), Heartbeat)
-            answers += 1
-            continue
-        break
-    assert answers == 2  # 10 s of beats: one answer per 5 s
+    answers = await received(peer)
+    assert len(answers) == 2  # 10 s of beats: one answer per 5 s
+    assert all(isinstance(a, Heartbeat) for a in answers)
     assert reg.nodes["node-1"].closed_reason is None
+
+
+@pytest.mark.parametrize("version", range(QUIET_GATEWAY_PROTOCOL, PROTOCOL_VERSION + 1))
+async def test_from_version_4_heartbeats_keep_a_node_unanswered(
+    connect, autojump_clock, version: int
+) -> None:
+    reg, open_peer = connect
+    peer = await open_peer(version=version)
+    for _ in range(30):  # 300 virtual seconds, ten times the eviction silence
+        await peer.send(Heartbeat())
+        await trio.sleep(10)
+    assert await received(peer) == []
+    assert reg.nodes["node-1"].closed_reason is None
+    await trio.sleep(30)  # then silence still evicts it
+    await peer.ended.wait()
+    assert reg.nodes.get("node-1") is None
 
 
 async def test_late_frames_are_dropped_in_grace_then_close_the_node(

@@ -410,7 +410,7 @@ class Agent:
         node costs the gateway one ping every two intervals instead of an answer to
         every heartbeat."""
         quiet = max(2 * self.heartbeat_interval, 1.0)
-        wait = max(self.heartbeat_interval, 0.5)
+        wait = max(self.heartbeat_interval, 1.0)  # never a hair-trigger on a busy loop
         while True:
             await trio.sleep_until(self._heard + quiet)
             if trio.current_time() < self._heard + quiet:

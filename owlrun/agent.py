@@ -404,8 +404,8 @@ class Agent:
 
     async def _check_gateway(self, ws: trio_websocket.WebSocketConnection) -> None:
         """Version 4: the gateway does not answer heartbeats, so when it has said nothing
-        for two intervals the agent pings it (its server answers, whatever its
-        application is doing); no pong within one more interval is a lost connection.
+        for two intervals the agent pings it (its server answers, below the
+        application); no pong within one more interval is a lost connection.
         A dead gateway or path is found within three intervals, as before, and an idle
         node costs the gateway one ping every two intervals instead of an answer to
         every heartbeat."""

@@ -24,7 +24,7 @@ from owlrun.errors import ProtocolError as ProtocolError  # re-exported: the pro
 PROTOCOL_VERSION = 4
 # From this version the gateway does not answer heartbeats: the agent learns that the
 # gateway is alive from any frame, or else from a websocket ping's pong (answered by
-# the gateway's server, never by its application), sent after two quiet intervals.
+# the gateway's server, below its application), sent after two quiet intervals.
 QUIET_GATEWAY_PROTOCOL = 4
 # The oldest version a gateway still accepts; a version-1 agent sends no reasoning or
 # refusal deltas and no ``cancelled`` acknowledgements, and is sent nothing it lacks.

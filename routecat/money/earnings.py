@@ -22,6 +22,10 @@ from routecat.network.registry import Registry
 
 log = logging.getLogger("routecat.earnings")
 
+# Nodes whose earnings one read transaction gathers: one trip to the store's thread for
+# many nodes, without holding a read open for thousands.
+PUBLISH_BATCH = 200
+
 
 @attrs.define(eq=False)
 class Earnings:
@@ -31,10 +35,15 @@ class Earnings:
     _dirty_nodes: set[str] = attrs.Factory(set)
 
     async def of(self, node_id: str) -> dict[str, int]:
-        account = book.provider_account(node_id)
+        return (await self.of_many([node_id]))[node_id]
+
+    async def of_many(self, node_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Several nodes' earnings in one read transaction (one trip to the store's
+        thread, however many nodes: thousands reconnect at once after a restart)."""
         now = self.clock.wall()
 
-        def read(db: Connection) -> dict[str, int]:
+        def one(db: Connection, node_id: str) -> dict[str, int]:
+            account = book.provider_account(node_id)
             balance, _ = book.balance(db, account)
             held = book.held(db, account, now)
             sent = payouts.totals(db, node_id)
@@ -46,6 +55,9 @@ class Earnings:
                 "paid_msat": sent.paid_msat,
                 "pending_msat": sent.pending_msat,
             }
+
+        def read(db: Connection) -> dict[str, dict[str, int]]:
+            return {node_id: one(db, node_id) for node_id in node_ids}
 
         return await self.store.read(read)
 
@@ -92,23 +104,26 @@ class Earnings:
         while True:
             await trio.sleep(2)
             dirty, self._dirty_nodes = self._dirty_nodes, set()
-            for node_id in dirty:
-                node = self.registry.nodes.get(node_id)
-                if node is None:
-                    continue
+            online = sorted(n for n in dirty if n in self.registry.nodes)
+            for start in range(0, len(online), PUBLISH_BATCH):
+                batch = online[start : start + PUBLISH_BATCH]
                 try:
-                    e = await self.of(node_id)
+                    figures = await self.of_many(batch)
                 except Exception as exc:  # the store briefly failing: told next time
-                    log.warning("earnings of node %s not read: %r", node_id, exc)
-                    self._dirty_nodes.add(node_id)
+                    log.warning("earnings of %d nodes not read: %r", len(batch), exc)
+                    self._dirty_nodes.update(batch)
                     continue
-                node.send_nowait(
-                    EarningsFrame(
-                        earned_msat=e["earned_msat"],
-                        held_msat=e["held_msat"],
-                        payable_msat=e["payable_msat"],
-                        paid_msat=e["paid_msat"],
-                        pending_msat=e["pending_msat"],
-                        threshold_sats=node.payout_threshold_sats,
+                for node_id, e in figures.items():
+                    node = self.registry.nodes.get(node_id)
+                    if node is None:
+                        continue  # gone while its figures were read
+                    node.send_nowait(
+                        EarningsFrame(
+                            earned_msat=e["earned_msat"],
+                            held_msat=e["held_msat"],
+                            payable_msat=e["payable_msat"],
+                            paid_msat=e["paid_msat"],
+                            pending_msat=e["pending_msat"],
+                            threshold_sats=node.payout_threshold_sats,
+                        )
                     )
-                )

@@ -21,6 +21,7 @@ import trio
 
 from ledger import book
 from routecat.clock import Clock
+from routecat.money import earnings as earnings_module
 from routecat.money.settlement import billable
 from routecat.network.jobs import JobResult
 from tests.clients import MODEL, chat, read_sse, wait_for
@@ -363,6 +364,47 @@ async def test_subsidy_budget_stops_self_dealing(nursery: trio.Nursery, tmp_path
         after = await gw.earnings.of(node)
         assert after["payable_msat"] == earnings["earned_msat"]
         assert after["held_msat"] == 0
+        await ledger_ok(net)
+
+
+async def test_each_node_is_told_its_own_earnings(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earnings are read for many nodes at once (a batch per read transaction): with
+    more nodes than a batch, every agent is told exactly its own figures, and a batch
+    whose read fails is told on a later round."""
+    monkeypatch.setattr(earnings_module, "PUBLISH_BATCH", 2)
+    with trio.fail_after(60):
+        net = await start_network(nursery, tmp_path, nodes=5)
+        gw = net.gateway.gw
+        real = earnings_module.Earnings.of_many
+        failures: list[list[str]] = []
+
+        async def failing_once(self: Any, node_ids: list[str]) -> Any:
+            if not failures:
+                failures.append(node_ids)
+                raise RuntimeError("the store is briefly away")
+            return await real(self, node_ids)
+
+        monkeypatch.setattr(earnings_module.Earnings, "of_many", failing_once)
+        async with net.client() as c:
+            for i in range(10):
+                r = await c.post("/v1/chat/completions", json=chat("word " * (i + 1)))
+                assert r.status_code == 200, r.text
+        await wait_for(lambda: len(net.settled) == 10, timeout=10)  # figures final
+        figures = {n.id: (await real(gw.earnings, [n.id]))[n.id] for n in net.nodes}
+        fields = ("earned_msat", "held_msat", "payable_msat", "paid_msat", "pending_msat")
+
+        def told() -> bool:
+            return all(
+                n.agent.earnings is not None
+                and all(getattr(n.agent.earnings, f) == figures[n.id][f] for f in fields)
+                for n in net.nodes
+            )
+
+        await wait_for(told, timeout=15)
+        assert len(failures) == 1 and len(failures[0]) <= 2
+        assert len({f["earned_msat"] for f in figures.values()}) >= 2  # not all alike
         await ledger_ok(net)
 
 

@@ -659,6 +659,7 @@ async def test_replicas_starting_at_once_migrate_once(tmp_path: Path) -> None:
             stores.append(open_store(url))
         except BaseException as exc:
             errors.append(exc)
+            raise
 
     async with trio.open_nursery() as nursery:
         for _ in range(4):

@@ -79,8 +79,9 @@ class LiveGateway:
         try:
             trio.run(self._main)
         except BaseException as exc:
-            self.error = exc
+            self.error = exc  # start() reports a failure to start
             self._ready.set()
+            raise  # and a crash later still fails the test (pytest's thread hook)
 
     async def _main(self) -> None:
         self.token = trio.lowlevel.current_trio_token()

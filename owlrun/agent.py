@@ -30,6 +30,7 @@ from owlrun.engines import Embeddings, Engine, Finish
 from owlrun.errors import EngineError, GatewayLost, RefusedError
 from owlrun.identity import Identity
 from owlrun.protocol import (
+    HEARTBEAT_INTERVAL_RANGE,
     MAX_BATCH,
     NODE_HEADER,
     PROTOCOL_VERSION,
@@ -320,6 +321,12 @@ class Agent:
                 raise RefusedError(reply.reason, reply.retryable)
             if not isinstance(reply, Welcome):
                 raise ProtocolError(f"expected welcome, got {reply.type}")
+            low, high = HEARTBEAT_INTERVAL_RANGE
+            if not low <= reply.heartbeat_interval <= high:
+                raise ProtocolError(
+                    f"the gateway's heartbeat interval {reply.heartbeat_interval:g} s"
+                    f" is outside {low:g} to {high:g} s"
+                )
             self.heartbeat_interval = reply.heartbeat_interval
             self.protocol_version = min(reply.protocol_version, PROTOCOL_VERSION)
             self._heard = trio.current_time()

@@ -26,6 +26,10 @@ PROTOCOL_VERSION = 4
 # gateway is alive from any frame, or else from a websocket ping's pong (answered by
 # the gateway's server, below its application), sent after two quiet intervals.
 QUIET_GATEWAY_PROTOCOL = 4
+# The heartbeat intervals (seconds) both ends accept: a welcome outside them is a
+# protocol violation (the agent would spin on 0, or stop on a negative sleep), an
+# operator's setting outside them a configuration error.
+HEARTBEAT_INTERVAL_RANGE = (0.1, 3600.0)
 # The oldest version a gateway still accepts; a version-1 agent sends no reasoning or
 # refusal deltas and no ``cancelled`` acknowledgements, and is sent nothing it lacks.
 MIN_PROTOCOL_VERSION = 1

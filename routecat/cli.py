@@ -48,7 +48,7 @@ HELP = {
     "rate_limit_per_minute": "completions one key may start per minute (default 60)",
     "register_limit_per_hour": "key registrations per client IP per hour (default 5)",
     "read_limit_per_minute": "public read requests per client IP per minute (default 600)",
-    "heartbeat_interval": "seconds between heartbeats with nodes, both ways (default 10)",
+    "heartbeat_interval": "seconds between a node's heartbeats (default 10; 0.1 to 3600)",
     "heartbeat_misses": "heartbeats a node may miss before it is dropped (default 3)",
     "queue_timeout": "seconds a request may wait for a free node before 503 (default 30)",
     "queue_max": "requests that may wait for a node at once; more get 503 (default 1000)",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
+from owlrun.protocol import HEARTBEAT_INTERVAL_RANGE
 from routecat.errors import ConfigError
 
 ENV_PREFIX = "ROUTECAT_"
@@ -240,6 +241,11 @@ def _check(config: Config) -> None:
         raise ConfigError("port must be between 0 and 65535")
     if config.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes must be at least 1024")
+    low, high = HEARTBEAT_INTERVAL_RANGE  # what an agent accepts in its welcome
+    if not low <= config.heartbeat_interval <= high:
+        raise ConfigError(f"heartbeat_interval must be between {low:g} and {high:g} seconds")
+    if config.heartbeat_misses < 1:
+        raise ConfigError("heartbeat_misses must be at least 1")
     if config.btc_usd is not None and config.btc_usd <= 0:
         raise ConfigError("btc_usd must be positive")
     if not (

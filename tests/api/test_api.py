@@ -531,6 +531,11 @@ def test_config_precedence(tmp_path: Path) -> None:
     toml.write_text("no_such_setting = 1\n")
     with pytest.raises(ConfigError, match="unknown setting"):
         load_config(environ={}, config_file=str(toml))
+    for interval in ("0", "-5", "0.01", "86400"):  # agents would refuse such a welcome
+        with pytest.raises(ConfigError, match="heartbeat_interval"):
+            load_config(environ={"ROUTECAT_HEARTBEAT_INTERVAL": interval})
+    with pytest.raises(ConfigError, match="heartbeat_misses"):
+        load_config(environ={"ROUTECAT_HEARTBEAT_MISSES": "0"})
 
 
 def test_help_is_useful() -> None:

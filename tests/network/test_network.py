@@ -3,6 +3,8 @@ local engines speaking Ollama's and OpenAI's wire formats."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 import trio
 import trio_websocket
 
-from owlrun.agent import open_gateway_socket
+from owlrun.agent import Agent, open_gateway_socket
+from owlrun.engines import OllamaEngine
 from owlrun.identity import Identity
 from owlrun.protocol import (
     NODE_HEADER,
@@ -28,7 +31,7 @@ from owlrun.protocol import (
 )
 from routecat.network import session
 from tests.clients import MODEL, chat, read_sse, text_of, wait_for
-from tests.fakes import Knobs
+from tests.fakes import Knobs, start_engine
 from tests.servers import assert_error, start_network, start_node, start_relay
 
 
@@ -433,6 +436,53 @@ async def test_an_agent_finds_a_dead_path_to_its_gateway(
             r = await c.post("/v1/chat/completions", json=chat("after the dead path"))
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == "You said: after the dead path"
+
+
+@pytest.mark.parametrize("interval", [-5.0, 0.0, 1e-9, 0.09, 3601.0, 1e300])
+async def test_an_agent_survives_a_gateway_with_an_absurd_heartbeat_interval(
+    nursery: trio.Nursery, tmp_path: Path, interval: float
+) -> None:
+    """A welcome's heartbeat interval outside 0.1-3600 s is a protocol violation: the
+    agent neither spins (0) nor stops on a negative sleep; it keeps reconnecting with
+    its backoff, and never counts a session."""
+    attempts: list[dict[str, Any]] = []
+
+    async def hostile(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        attempts.append(json.loads(await ws.get_message()))
+        welcome = {"type": "welcome", "node_id": attempts[-1]["node_id"]}
+        welcome |= {"protocol_version": 4, "payout_threshold_sats": 1000}
+        await ws.send_message(json.dumps(welcome | {"heartbeat_interval": interval}))
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await ws.get_message()  # until the agent leaves
+
+    server = await nursery.start(
+        functools.partial(trio_websocket.serve_websocket, hostile, "127.0.0.1", 0, ssl_context=None)
+    )
+    engine = await start_engine(nursery)
+    async with httpx.AsyncClient() as client:
+        agent = Agent(
+            gateway=f"http://127.0.0.1:{server.port}",
+            identity=Identity("node_" + "a" * 12, "s" * 32),
+            engine=OllamaEngine(engine.url, client),
+        )
+        ended: list[BaseException | None] = []
+
+        async def run() -> None:
+            try:
+                await agent.run()
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+            ended.append(None)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as running:
+                running.start_soon(run)
+                await wait_for(lambda: len(attempts) >= 3, timeout=10)
+                assert ended == []  # the agent is alive, still trying
+                assert agent.sessions == 0 and not agent.connected
+                running.cancel_scope.cancel()
 
 
 async def test_wrong_secret_for_known_id_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from routecat.api.asgi import CompletionRoutes
 from routecat.config import Config
 from routecat.db import schema
 from routecat.gateway import Gateway, open_gateway
+from routecat.network.session import evict_silent
 
 log = logging.getLogger("routecat")
 
@@ -85,6 +86,7 @@ async def serve_gateway(
         await nursery.start(gw.earnings.publish_earnings)
         await nursery.start(gw.settlement.retry_settlements)
         await nursery.start(gw.scheduler.run)
+        await nursery.start(evict_silent, gw.registry, config)
         await nursery.start(gw.topups.run)
         await nursery.start(gw.payouts.run)
         for service in extra_services:

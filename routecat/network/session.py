@@ -51,6 +51,8 @@ from routecat.network.registry import NODE_ID, Registry, models_ok
 
 log = logging.getLogger("routecat.network")
 
+SWEEP_PERIOD = 1.0  # at most, seconds between two looks for silent nodes
+
 
 def outbox_size(capacity: int) -> int:
     """Frames queued for a node before it counts as not reading: one job and one
@@ -165,8 +167,6 @@ async def serve_node_session(
             await registry.remember_models(list(link.models))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sender, transport, outgoing)
-                silence = config.heartbeat_interval * config.heartbeat_misses
-                nursery.start_soon(_watchdog, link, silence, registry.clock.monotonic)
                 await _receive_loop(registry, link, config, transport, nursery)
     finally:
         if registry.nodes.get(link.id) is link:
@@ -183,15 +183,33 @@ async def _sender(transport: Transport, outgoing: trio.MemoryReceiveChannel[Mess
         await transport.send(encode(message))
 
 
-async def _watchdog(link: NativeLink, silence: float, clock: Callable[[], float]) -> None:
-    """Close the node once it has been silent for ``silence`` seconds. It wakes once
-    per silence period, not per frame: a frame only moves ``link.last_seen``."""
+async def evict_silent(
+    registry: Registry,
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Close every node of ours that has said nothing for ``heartbeat_misses``
+    intervals, within a sweep period (a second at most) of that.
+
+    One task for all nodes: a sleeping watchdog per node cost a timer's expiry (a
+    Cancelled raised and caught) per node per silence period, a tenth of the idle CPU
+    of 10,000 nodes, where a sweep over them costs about a millisecond. A frame only
+    moves ``link.last_seen``.
+    """
+    silence = config.heartbeat_interval * config.heartbeat_misses
+    period = min(SWEEP_PERIOD, config.heartbeat_interval / 2)
+    reason = f"no heartbeat for {silence:g}s"
+    task_status.started()
     while True:
-        left = link.last_seen + silence - clock()
-        if left <= 0:
-            link.close(f"no heartbeat for {silence:g}s")
-            return
-        await trio.sleep(left)
+        await trio.sleep(period)
+        cutoff = registry.clock.monotonic() - silence
+        for link in [
+            link
+            for link in registry.nodes.values()
+            if isinstance(link, NativeLink) and link.last_seen <= cutoff
+        ]:
+            link.close(reason)
 
 
 async def _receive_loop(

@@ -26,7 +26,7 @@ from owlrun.protocol import (
 from routecat.config import Config
 from routecat.network.link import CANCEL_GRACE
 from routecat.network.registry import Registry
-from routecat.network.session import Transport, serve_node_session
+from routecat.network.session import Transport, evict_silent, serve_node_session
 from tests.unit.network.fakes import registry
 
 CONFIG = Config(heartbeat_interval=10.0, heartbeat_misses=3)
@@ -62,6 +62,7 @@ def hello(node_id: str = "node-1", version: int = PROTOCOL_VERSION) -> Hello:
 async def connect() -> AsyncIterator[tuple[Registry, object]]:
     reg = registry()
     async with trio.open_nursery() as nursery:
+        await nursery.start(evict_silent, reg, CONFIG)
 
         async def open_peer(node_id: str = "node-1", version: int = PROTOCOL_VERSION) -> Peer:
             to_gateway, gateway_in = trio.open_memory_channel[str](100)
@@ -99,7 +100,8 @@ async def test_silence_closes_the_node_after_the_missed_heartbeats(connect, auto
     attempt = link.open_attempt("chatcmpl-1")
     began = trio.current_time()
     await peer.ended.wait()
-    assert trio.current_time() - began == pytest.approx(30.0)
+    # Three intervals of silence, noticed by the next sweep (at most a second later).
+    assert 30.0 <= trio.current_time() - began <= 31.0
     assert link.closed_reason == "no heartbeat for 30s"
     assert "node-1" not in reg.nodes
     assert attempt.failure == "node disconnected (no heartbeat for 30s)"
@@ -150,6 +152,20 @@ async def test_from_version_4_heartbeats_keep_a_node_unanswered(
     await trio.sleep(30)  # then silence still evicts it
     await peer.ended.wait()
     assert reg.nodes.get("node-1") is None
+
+
+async def test_the_sweep_closes_the_silent_nodes_and_only_them(connect, autojump_clock) -> None:
+    reg, open_peer = connect
+    peers = {f"node-{i}": await open_peer(f"node-{i}") for i in range(6)}
+    await trio.sleep(3.3)  # the nodes fall out of step with the sweeps
+    beating = ["node-0", "node-2", "node-3"]
+    for _ in range(8):  # 80 s: the others fell silent 3.3 s into their lives
+        for node_id in beating:
+            await peers[node_id].send(Heartbeat())
+        await trio.sleep(10)
+    assert sorted(reg.nodes) == beating
+    for node_id, peer in peers.items():
+        assert peer.ended.is_set() == (node_id not in beating)
 
 
 async def test_late_frames_are_dropped_in_grace_then_close_the_node(

@@ -38,13 +38,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def hostile(session: nox.Session) -> None:
-    """The hostile-node property test with many more examples than the default suite
-    (``ROUTECAT_HOSTILE_EXAMPLES``, 2,000 unless set)."""
+    """The hostile-node and hostile-HTTP-client property tests with many more examples
+    than the default suite (``ROUTECAT_HOSTILE_EXAMPLES``, 2,000 unless set)."""
     session.install("-e", ".[test]")
     examples = os.environ.get("ROUTECAT_HOSTILE_EXAMPLES", "2000")
     session.run(
         "pytest",
         "tests/integrity/test_hostile_nodes.py",
+        "tests/integrity/test_hostile_http.py",
         *session.posargs,
         env={"ROUTECAT_HOSTILE_EXAMPLES": examples},
     )

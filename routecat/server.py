@@ -19,6 +19,7 @@ from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
+import hypercorn.trio.tcp_server
 import trio
 
 from ledger.store import Storage
@@ -35,6 +36,39 @@ log = logging.getLogger("routecat")
 GC_YOUNG = 20_000  # allocations between young-generation collections
 
 Service = Callable[..., Awaitable[Any]]
+
+
+def guard_connections() -> None:
+    """Make a connection's failure inside hypercorn end that connection, not the server.
+
+    Hypercorn's trio server (0.17 and 0.18) lets any exception but ``OSError`` out of
+    a connection's handler into the server's nursery, which stops the whole process,
+    and its own code raises some: an upgrade request with bytes after its head makes
+    hypercorn answer 400 while the app accepts the websocket, and h11's
+    ``LocalProtocolError`` from the second of those stopped the gateway on one
+    unauthenticated request (hypercorn issue 225; the fix upstream was reverted). Such
+    an exception now closes its connection (hypercorn's ``finally`` already does) and is
+    logged; cancellation and everything that is not an ``Exception`` pass through.
+    Idempotent.
+    """
+    tcp_server = hypercorn.trio.tcp_server.TCPServer
+    original = tcp_server.run
+    if getattr(original, "routecat_guarded", False):
+        return
+
+    @functools.wraps(original)
+    async def run(self: Any) -> None:
+        try:
+            await original(self)
+        except* Exception as group:
+            log.warning(
+                "closed a connection that failed inside the HTTP server: %s",
+                "; ".join(repr(exc)[:200] for exc in group.exceptions),
+            )
+            log.debug("the connection's failure", exc_info=group)
+
+    run.routecat_guarded = True  # type: ignore[attr-defined]
+    tcp_server.run = run  # type: ignore[method-assign]
 
 
 def open_store(config: Config) -> Storage:
@@ -74,6 +108,7 @@ async def serve_gateway(
     """Run the gateway until ``stop`` is set; ``task_status`` receives the running gateway
     (its ``url`` attribute is the base URL)."""
     stop = trio.Event() if stop is None else stop
+    guard_connections()
     async with open_gateway(config) as gw, trio.open_nursery() as nursery:
         app = create_app(gw)
         await gw.registry.load()
@@ -132,6 +167,7 @@ async def serve_admin(
     gw: Gateway, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """The operator's endpoint on a 0600 Unix socket next to the database."""
+    guard_connections()
     path = socket_path(gw.config)
     prepare_socket(path)
     hc = hypercorn.config.Config()

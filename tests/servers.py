@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ from routecat.config import Config
 from routecat.gateway import Gateway
 from routecat.server import serve_gateway
 from tests import pgcluster
-from tests.clients import chat, topup, wait_for
+from tests.clients import MODEL, chat, topup, wait_for
 from tests.fakes import Knobs, LnurlServer, start_engine, start_lnurl
+from tests.rogue import ROGUE_MODEL
 
 
 @attrs.define
@@ -412,3 +415,91 @@ async def start_relay(nursery: trio.Nursery, target: str | None = None) -> Relay
     listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     relay.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
     return relay
+
+
+class LiveGateway:
+    """A gateway, a fake engine and one honest owlrun node in a thread of their own.
+    (A plain class: hypothesis pretty-prints attrs instances field by field, and these
+    fields change under it in the other thread.)"""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.gw: Gateway | None = None
+        self.url = ""
+        self.paid_key = ""
+        self.free_key = ""
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.error: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"LiveGateway({self.url})"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60) or self.error is not None:
+            raise RuntimeError(f"the live gateway did not start: {self.error!r}")
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:
+            self.error = exc  # start() reports a failure to start
+            self._ready.set()
+            raise  # and a crash later still fails the test (pytest's thread hook)
+
+    async def _main(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        config = network_config(
+            self.tmp,
+            first_token_timeout="1.5",
+            inter_token_timeout="1.5",
+            queue_timeout="1",
+            sweep_interval="1",
+            free_daily_requests="1000000",
+            free_daily_budget_sats="100000000",
+            catalog=self._catalog(),
+        )
+        async with trio.open_nursery() as nursery:
+            running = await start_gateway(nursery, config)
+            self.gw, self.url = running.gw, running.url
+            engine = await start_engine(nursery, Knobs())
+            await start_node(nursery, self.url, engine, max_jobs=16)
+            async with running.client() as c:
+                self.paid_key = await register(c, "paid")
+                self.free_key = await register(c, "free")
+            await fund(running, self.paid_key, 10_000_000)
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()  # the gateway, its node and the engine
+
+    def _catalog(self) -> str:
+        path = self.tmp / "catalog.toml"
+        # The honest model and the rogue's free model are listed (free requests); the
+        # rogue's paid model is not (paid requests, from a funded key: tests.rogue).
+        path.write_text(
+            f'[default]\ninput = "500"\noutput = "500"\n'
+            f'[models."{MODEL}"]\ninput = "500"\noutput = "500"\n'
+            f'[models."{ROGUE_MODEL}"]\ninput = "500"\noutput = "500"\n'
+        )
+        return str(path)
+
+    def call(self, fn: Callable[[Gateway], Any]) -> Any:
+        """Run an async function of the gateway in its own thread; return its result."""
+        assert self.gw is not None
+        gw = self.gw
+
+        async def run() -> Any:
+            return await fn(gw)
+
+        return trio.from_thread.run(run, trio_token=self.token)
+
+    def stop(self) -> None:
+        if self._stop is not None and self.token is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        if self._thread is not None:
+            self._thread.join(30)

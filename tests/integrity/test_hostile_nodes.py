@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -37,112 +34,15 @@ from hypothesis import strategies as st
 from ledger import book
 from ledger.money import cost_msat
 from routecat.gateway import Gateway
-from tests.clients import MODEL, chat, read_sse, text_of
-from tests.fakes import Knobs, start_engine
+from tests.clients import chat, read_sse, text_of
 from tests.rogue import ROGUE_MODEL, rogue_node
-from tests.servers import fund, network_config, register, start_gateway, start_node
+from tests.servers import LiveGateway
 
 PAID_MODEL = "rogue-paid"
 EXAMPLES = int(os.environ.get("ROUTECAT_HOSTILE_EXAMPLES", "200"))
 # The most one rogue job may cost its payer: its prompt bound ("rogue job": 9 bytes, one
 # message, + 8 + 64) and the default max_tokens + 1, at $500/1M tokens and $100,000/BTC.
 MAX_JOB_COST = cost_msat(9 + 8 + 64, 4096 + 1, Decimal(500), Decimal(500), Decimal(100_000))
-
-
-class LiveGateway:
-    """A gateway, a fake engine and one honest owlrun node in a thread of their own.
-    (A plain class: hypothesis pretty-prints attrs instances field by field, and these
-    fields change under it in the other thread.)"""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.gw: Gateway | None = None
-        self.url = ""
-        self.paid_key = ""
-        self.free_key = ""
-        self.token: trio.lowlevel.TrioToken | None = None
-        self.error: BaseException | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __repr__(self) -> str:
-        return f"LiveGateway({self.url})"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(60) or self.error is not None:
-            raise RuntimeError(f"the live gateway did not start: {self.error!r}")
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:
-            self.error = exc  # start() reports a failure to start
-            self._ready.set()
-            raise  # and a crash later still fails the test (pytest's thread hook)
-
-    async def _main(self) -> None:
-        self.token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
-        config = network_config(
-            self.tmp,
-            first_token_timeout="1.5",
-            inter_token_timeout="1.5",
-            queue_timeout="1",
-            sweep_interval="1",
-            free_daily_requests="1000000",
-            free_daily_budget_sats="100000000",
-            catalog=self._catalog(),
-        )
-        async with trio.open_nursery() as nursery:
-            running = await start_gateway(nursery, config)
-            self.gw, self.url = running.gw, running.url
-            engine = await start_engine(nursery, Knobs())
-            await start_node(nursery, self.url, engine, max_jobs=16)
-            async with running.client() as c:
-                self.paid_key = await register(c, "paid")
-                self.free_key = await register(c, "free")
-            await fund(running, self.paid_key, 10_000_000)
-            self._ready.set()
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()  # the gateway, its node and the engine
-
-    def _catalog(self) -> str:
-        path = self.tmp / "catalog.toml"
-        # The honest model and the rogue's free model are listed (free requests); the
-        # rogue's paid model is not (paid requests, from a funded key).
-        path.write_text(
-            f'[default]\ninput = "500"\noutput = "500"\n'
-            f'[models."{MODEL}"]\ninput = "500"\noutput = "500"\n'
-            f'[models."{ROGUE_MODEL}"]\ninput = "500"\noutput = "500"\n'
-        )
-        return str(path)
-
-    def call(self, fn: Callable[[Gateway], Any]) -> Any:
-        """Run an async function of the gateway in its own thread; return its result."""
-        assert self.gw is not None
-        gw = self.gw
-
-        async def run() -> Any:
-            return await fn(gw)
-
-        return trio.from_thread.run(run, trio_token=self.token)
-
-    def stop(self) -> None:
-        if self._stop is not None and self.token is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
-        if self._thread is not None:
-            self._thread.join(30)
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
-    gateway = LiveGateway(tmp_path_factory.mktemp("hostile"))
-    gateway.start()
-    yield gateway
-    gateway.stop()
 
 
 # -- what a rogue node sends -------------------------------------------------------------

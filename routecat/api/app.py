@@ -22,7 +22,6 @@ from quart import (
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as MethodNotAllowedHTTP
 
-from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.api.accounts import register_accounts
 from routecat.api.embeddings import register_embeddings
@@ -36,7 +35,6 @@ from routecat.api.http import (
     preflight_headers,
 )
 from routecat.api.internal import register_internal
-from routecat.api.nodes import serve_node_websocket
 from routecat.api.public import register_public
 from routecat.api.responses import register_responses
 from routecat.api.stock import register_stock
@@ -123,10 +121,6 @@ def create_app(gw: Gateway) -> App:
         )
 
     app.register_blueprint(create_web(gw))
-
-    @app.websocket(WS_PATH)
-    async def node_socket() -> None:
-        await serve_node_websocket(gw.registry, gw.config, gw.earnings.mark_dirty)
 
     register_public(app, gw)
     register_internal(app, gw)

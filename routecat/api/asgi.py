@@ -1,5 +1,6 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions`` as plain ASGI, in front
-of the Quart-Trio app, which serves every other route.
+"""``POST /v1/chat/completions``, ``POST /v1/completions`` and the node websocket
+(``routecat.api.nodes``) as plain ASGI, in front of the Quart-Trio app, which serves
+every other route.
 
 These two routes carry nearly all of the traffic, and Quart's request and response
 objects, hooks, router and second task cost about as much as the rest of a request.
@@ -22,12 +23,12 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
 
+from owlrun.protocol import WS_PATH
 from routecat import errors
 from routecat.api.completions import (
     SSE_HEADERS,
@@ -49,10 +50,13 @@ from routecat.api.http import (
     CORS_HEADERS,
     REQUEST_ID,
     App,
+    Receive,
+    Send,
     end_exchange,
     method_label,
     send_shielding_the_end,
 )
+from routecat.api.nodes import serve_node_websocket
 from routecat.gateway import Gateway
 from routecat.network.jobs import JobKind
 
@@ -61,8 +65,6 @@ log = logging.getLogger("routecat.http")
 ROUTES: dict[str, JobKind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 BODY_TIMEOUT = 60.0
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -148,13 +150,20 @@ class _Exchange:
 
 @attrs.define(eq=False)
 class CompletionRoutes:
-    """The ASGI application hypercorn serves: the completions routes here; the rest
-    (lifespan, websockets, preflights, every other path) in ``app``."""
+    """The ASGI application hypercorn serves: the completions routes and the node
+    websocket here; the rest (lifespan, the stock agents' websocket, preflights, every
+    other path) in ``app``."""
 
     app: App
     gw: Gateway
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            gw = self.gw
+            await serve_node_websocket(
+                gw.registry, gw.config, gw.earnings.mark_dirty, scope, receive, send
+            )
+            return
         kind = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
         if kind is None or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)  # type: ignore[arg-type]

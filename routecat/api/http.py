@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -74,6 +74,10 @@ def method_label(method: str) -> str:
 
 # The callbacks that run when the current HTTP exchange ends (see ``App.exchange``);
 # the tasks an exchange starts inherit the list.
+# ASGI's two callables, as the plain-ASGI routes (``asgi``, ``nodes``) use them.
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
 _EXCHANGE_END: ContextVar[list[Callable[[], None]]] = ContextVar("routecat_exchange_end")
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -73,14 +74,35 @@ def websocket_url(gateway: str) -> str:
     return base + WS_PATH
 
 
+PING_AFTER_INTERVALS = 5
+PING_AFTER_MAX = 45.0  # seconds: under the 60 s read timeout of common proxies (nginx)
+
+
+def ping_after(interval: float) -> float:
+    """How long a version-4 gateway may stay quiet before the agent pings it: five
+    heartbeat intervals, but at most 45 s (a proxy in between may close a connection
+    that carried nothing from the gateway for 60 s, nginx's default), and at least two
+    intervals and a second. A dead path that stops acknowledging the heartbeats is
+    dropped sooner by the kernel (``open_gateway_socket``'s ``unacknowledged``)."""
+    return max(2 * interval, 1.0, min(PING_AFTER_INTERVALS * interval, PING_AFTER_MAX))
+
+
 @contextlib.asynccontextmanager
 async def open_gateway_socket(
-    url: str, headers: list[tuple[str, str]], *, max_message_size: int, connect_timeout: float = 10
+    url: str,
+    headers: list[tuple[str, str]],
+    *,
+    max_message_size: int,
+    connect_timeout: float = 10,
+    unacknowledged: float | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A websocket whose TCP stream we own and always close.
 
     trio-websocket leaves the stream open when the peer closes first (its ``aclose``
     returns early on an already-closed socket), so the stream is closed here.
+    ``unacknowledged``: where the system allows it (Linux's ``TCP_USER_TIMEOUT``), the
+    kernel drops the connection once data sent on it has gone that many seconds without
+    an acknowledgement (a dead host or path; Linux's default is about 15 minutes).
     """
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "wss"
@@ -96,6 +118,9 @@ async def open_gateway_socket(
             ) = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
         else:
             stream = await trio.open_tcp_stream(host, port)
+    if unacknowledged is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(unacknowledged * 1000))
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
@@ -302,7 +327,13 @@ class Agent:
             (SECRET_HEADER, self.identity.secret),
         ]
         url = websocket_url(self.current_gateway)
-        async with open_gateway_socket(url, headers, max_message_size=self.max_message_bytes) as ws:
+        async with open_gateway_socket(
+            url,
+            headers,
+            max_message_size=self.max_message_bytes,
+            # Three heartbeats (as the gateway last set them) unacknowledged: a dead path.
+            unacknowledged=3 * self.heartbeat_interval,
+        ) as ws:
             hello = Hello(
                 node_id=self.identity.node_id,
                 agent_version=__version__,
@@ -346,9 +377,7 @@ class Agent:
                 async with trio.open_nursery() as nursery:
                     self._session_scope = nursery.cancel_scope
                     nursery.start_soon(self._sender, ws, receive)
-                    nursery.start_soon(self._heartbeats)
-                    if self.protocol_version >= QUIET_GATEWAY_PROTOCOL:
-                        nursery.start_soon(self._check_gateway, ws)
+                    nursery.start_soon(self._heartbeats, ws)
                     nursery.start_soon(self._watch_models)
                     nursery.start_soon(self._summaries)
                     task_status.started()
@@ -404,29 +433,36 @@ class Agent:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._outbox.send(message)
 
-    async def _heartbeats(self) -> None:
-        while True:
-            await trio.sleep(self.heartbeat_interval)
-            await self._send(Heartbeat(in_flight=len(self._jobs)))
-
-    async def _check_gateway(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Version 4: the gateway does not answer heartbeats, so when it has said nothing
-        for two intervals the agent pings it (its server answers, below the
-        application); no pong within one more interval is a lost connection.
-        A dead gateway or path is found within three intervals, as before, and an idle
-        node costs the gateway one ping every two intervals instead of an answer to
-        every heartbeat."""
-        quiet = max(2 * self.heartbeat_interval, 1.0)
+    async def _heartbeats(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """A heartbeat every interval. Version 4: the gateway answers none, so when it
+        has said nothing for ``ping_after`` seconds, the heartbeat is followed at once
+        by a websocket ping (its server answers it, below the application; both reach
+        the gateway in one read), and no pong within one more interval is a lost
+        connection (``GatewayLost``)."""
+        quiet = ping_after(self.heartbeat_interval)
         wait = max(self.heartbeat_interval, 1.0)  # never a hair-trigger on a busy loop
-        while True:
-            await trio.sleep_until(self._heard + quiet)
-            if trio.current_time() < self._heard + quiet:
-                continue  # a frame came meanwhile
-            with trio.move_on_after(wait):
-                await ws.ping()
-                self._heard = trio.current_time()
-                continue
-            raise GatewayLost(f"the gateway did not answer a ping within {wait:g}s")
+        async with trio.open_nursery() as nursery:
+            pinging = False
+
+            async def ping() -> None:
+                nonlocal pinging
+                with trio.move_on_after(wait):
+                    await ws.ping()
+                    self._heard = trio.current_time()
+                    pinging = False
+                    return
+                raise GatewayLost(f"the gateway did not answer a ping within {wait:g}s")
+
+            while True:
+                await trio.sleep(self.heartbeat_interval)
+                await self._send(Heartbeat(in_flight=len(self._jobs)))
+                if (
+                    self.protocol_version >= QUIET_GATEWAY_PROTOCOL
+                    and not pinging
+                    and trio.current_time() - self._heard >= quiet
+                ):
+                    pinging = True
+                    nursery.start_soon(ping)
 
     async def _watch_models(self) -> None:
         while True:
@@ -461,7 +497,7 @@ class Agent:
         silence = max(3 * self.heartbeat_interval, 1.0)
         quiet_gateway = self.protocol_version >= QUIET_GATEWAY_PROTOCOL
         while True:
-            if quiet_gateway:  # its silence is _check_gateway's business
+            if quiet_gateway:  # its silence is the heartbeats' business (their pings)
                 frame = await ws.get_message()
                 self._heard = trio.current_time()
             else:  # an older gateway answers every heartbeat

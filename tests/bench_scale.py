@@ -20,6 +20,7 @@ sizes, ``--heartbeat S`` the gateway's heartbeat interval for the nodes bench.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -43,6 +44,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from owlrun.agent import ping_after
 from owlrun.protocol import (
     NODE_HEADER,
     PROTOCOL_VERSION,
@@ -172,11 +174,12 @@ class FakeNode:
 
     async def _heartbeats(self) -> None:
         """As owlrun does: a heartbeat every interval, and (protocol 4: the gateway
-        answers none) a ping when the gateway has said nothing for two intervals."""
+        answers none) a ping with the heartbeat when the gateway has said nothing for
+        ``ping_after`` the interval (45 s at the default 10 s)."""
         while True:
             await trio.sleep(self.interval)
             self.send(Heartbeat(in_flight=len(self.jobs)))
-            if trio.current_time() - self.heard >= 2 * self.interval:
+            if trio.current_time() - self.heard >= ping_after(self.interval):
                 self.out.append(self.ws.send(Ping()))
                 self.heard = trio.current_time()  # the pong will say so again
 
@@ -393,10 +396,15 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
                 with trio.move_on_after(120):
                     while not all(n.told for n in nodes):
                         await trio.sleep(0.5)
-                await trio.sleep(2)
+                # A node pings at the first heartbeat after ``ping_after`` of quiet: once
+                # per period, from a period after it last heard the gateway (its
+                # earnings). The window opens when every node pings in its own phase
+                # and spans a period, so that it holds each node's ping once.
+                period = math.ceil(ping_after(interval) / interval) * interval
+                await trio.sleep(period + 2)
                 before = cpu_seconds(gateway.pid)
                 t0 = time.perf_counter()
-                await trio.sleep(max(20.0, 2 * interval))
+                await trio.sleep(max(20.0, 2 * interval, period))
                 idle = (cpu_seconds(gateway.pid) - before) / (time.perf_counter() - t0)
                 served = sum(n.served for n in nodes)
                 per_job_ms, p50, p99, wall = await load(url, [key], jobs, gateway.pid, warm=False)
@@ -407,7 +415,7 @@ async def bench_nodes(sizes: list[int], jobs: int, heartbeat: str) -> list[tuple
                     (
                         f"{size} nodes",
                         f"connected in {took:.1f} s; idle CPU with heartbeats (every"
-                        f" {interval:g} s, unanswered; a ping after two quiet intervals)"
+                        f" {interval:g} s, unanswered; a ping after {ping_after(interval):g} s of quiet)"
                         f" {idle * 100:.1f}% of a core;"
                         f" {per_job_ms:.2f} ms of gateway CPU per job (c=16;"
                         f" {net_ms:.2f} ms without the heartbeats' share), p50"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -411,9 +412,11 @@ async def test_an_agent_finds_a_dead_path_to_its_gateway(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gateway_version: int
 ) -> None:
     """From protocol 4 the gateway answers no heartbeat: an idle agent stays connected
-    (it pings the quiet gateway, whose server answers). An older gateway answers each
-    heartbeat. Either way, when the path goes dead without closing, the agent reconnects
-    within about three heartbeat intervals (0.5 s here), and its jobs run again."""
+    (with a heartbeat, it pings the gateway that has been quiet for five intervals, and
+    the gateway's server answers). An older gateway answers each heartbeat. Either way,
+    when the path goes dead without closing (here a relay that takes every byte and
+    passes none on, so even the kernel's acknowledgements keep coming), the agent
+    reconnects (intervals of 0.5 s here), and its jobs run again."""
     monkeypatch.setattr(session, "PROTOCOL_VERSION", gateway_version)
     with trio.fail_after(30):
         net = await start_network(nursery, tmp_path, nodes=0)
@@ -427,15 +430,51 @@ async def test_an_agent_finds_a_dead_path_to_its_gateway(
         relay.freeze()
         lost = time.monotonic()
         await wait_for(lambda: node.agent.sessions == 2 and node.agent.connected, timeout=5)
-        # At most 1 s of quiet, 1 s to wait for the pong (their floors; protocol 3: 1.5 s
-        # of silence), then the backoff (<= 0.5 s). A close handshake would add 2 s.
-        assert time.monotonic() - lost < 3.5
+        # Protocol 4: 2.5 s of quiet (five intervals), the next heartbeat's ping (<= 0.5 s
+        # later), 1 s to wait for the pong (its floor); protocol 3: 1.5 s of silence.
+        # Then the backoff (<= 0.5 s). A close handshake would add 2 s.
+        assert time.monotonic() - lost < 4.5
         assert relay.accepted == 2
         await wait_for(lambda: link.closed_reason is not None, timeout=5)  # heartbeats lost
         async with net.client() as c:
             r = await c.post("/v1/chat/completions", json=chat("after the dead path"))
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == "You said: after the dead path"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
+async def test_the_kernel_drops_a_path_that_stops_acknowledging_three_heartbeats(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead host or path (no acknowledgement of what the agent sends) is dropped by the
+    kernel after three heartbeat intervals: 10 s each until the gateway says otherwise,
+    then the gateway's (0.5 s here)."""
+    opened: list[trio.SocketStream] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def recording(*args: Any, **kwargs: Any) -> trio.SocketStream:
+        stream = await open_tcp_stream(*args, **kwargs)
+        opened.append(stream)
+        return stream
+
+    def user_timeouts() -> list[int]:
+        """Of the agent's open connections to the gateway (through the relay)."""
+        return [
+            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            for s in opened
+            if s.socket.fileno() != -1 and s.socket.getpeername()[1] == port
+        ]
+
+    monkeypatch.setattr(trio, "open_tcp_stream", recording)
+    with trio.fail_after(30):
+        net = await start_network(nursery, tmp_path, nodes=0)
+        relay = await start_relay(nursery, net.url)
+        port = int(relay.url.rsplit(":", 1)[1])
+        node = await start_node(nursery, relay.url, net.engine)
+        assert user_timeouts() == [30_000]
+        relay.freeze()  # then the agent reconnects, knowing the gateway's interval
+        await wait_for(lambda: node.agent.sessions == 2 and node.agent.connected, timeout=10)
+        assert user_timeouts() == [1_500]
 
 
 @pytest.mark.parametrize("interval", [-5.0, 0.0, 1e-9, 0.09, 3601.0, 1e300])

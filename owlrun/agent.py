@@ -76,6 +76,7 @@ def websocket_url(gateway: str) -> str:
 
 PING_AFTER_INTERVALS = 5
 PING_AFTER_MAX = 45.0  # seconds: under the 60 s read timeout of common proxies (nginx)
+UNACKNOWLEDGED_MIN = 5.0  # seconds: the shortest TCP_USER_TIMEOUT the agent asks for
 
 
 def ping_after(interval: float) -> float:
@@ -331,8 +332,9 @@ class Agent:
             url,
             headers,
             max_message_size=self.max_message_bytes,
-            # Three heartbeats (as the gateway last set them) unacknowledged: a dead path.
-            unacknowledged=3 * self.heartbeat_interval,
+            # Three heartbeats (as the gateway last set them) unacknowledged: a dead path;
+            # never under 5 s, so that a few lost packets are sent again first.
+            unacknowledged=max(3 * self.heartbeat_interval, UNACKNOWLEDGED_MIN),
         ) as ws:
             hello = Hello(
                 node_id=self.identity.node_id,

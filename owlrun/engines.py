@@ -17,18 +17,20 @@ import contextlib
 import json
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 import attrs
 import httpx
-import trio
 
-from owlrun.errors import EngineError
+from owlrun.errors import EngineError, LineTooLong
+from owlrun.lines import drain, read_lines
 from owlrun.protocol import MAX_TOKENS, MAX_TOOL_CALLS, Delta, Job, ModelInfo, Usage
 
 # How long the end of an answer's body is waited for once the answer is complete.
 REST_OF_BODY_SECONDS = 2.0
+# The longest line of an engine's answer (characters): far above any honest event.
+MAX_LINE = 16 * 1024 * 1024
 # A chat template adds a few tokens per message (role markers) and per prompt (the
 # assistant's opening); counted on ChatML-style templates.
 TEMPLATE_TOKENS_PER_MESSAGE = 3
@@ -142,6 +144,17 @@ def _images(content: Any) -> list[str]:
                 if isinstance(url, str) and url.startswith("data:") and "," in url:
                     out.append(url.split(",", 1)[1])
     return out
+
+
+async def _bounded(events: AsyncGenerator[Event, None]) -> AsyncIterator[Event]:
+    """An engine's events; a line of its answer past ``MAX_LINE`` (``owlrun.lines``) is
+    the engine's failure, and another node may try."""
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except LineTooLong as exc:
+            raise EngineError(f"engine sent {exc}", True) from None
 
 
 @attrs.define(eq=False)
@@ -286,7 +299,10 @@ class OllamaEngine:
             body["think"] = think
         return "/api/chat", body
 
-    async def serve(self, job: Job) -> AsyncIterator[Event]:
+    def serve(self, job: Job) -> AsyncIterator[Event]:
+        return _bounded(self._serve(job))
+
+    async def _serve(self, job: Job) -> AsyncGenerator[Event, None]:
         if job.kind == "embedding":
             yield await self.embed(job)
             return
@@ -294,7 +310,7 @@ class OllamaEngine:
         tool_index = 0
         async with self.client.stream("POST", f"{self.url}{path}", json=body) as response:
             _raise_for(response, "generation")
-            lines = response.aiter_lines()
+            lines = read_lines(response, MAX_LINE)
             async for line in lines:
                 if not line.strip():
                     continue
@@ -346,22 +362,9 @@ class OllamaEngine:
                     yield Finish(
                         reason if reason in ("stop", "length", "tool_calls") else "stop", usage
                     )
-                    await _rest_of_body(lines)
+                    await drain(lines, REST_OF_BODY_SECONDS)
                     return
         raise EngineError("engine closed the stream before it was done", True)
-
-
-async def _rest_of_body(lines: AsyncIterator[str]) -> None:
-    """Read what is left of an answer's body once its end was seen (from an engine that
-    follows its protocol: nothing but the end of the chunked body), so that the
-    connection goes back to the client's pool instead of being closed: a connection per
-    job costs the engine and the agent a TCP handshake and a new HTTP exchange. Bounded:
-    an engine that keeps the body open after its end, or breaks the connection there,
-    costs a new connection, not a job (the answer is complete and its ``Finish`` has
-    already been handed on: this runs off the answer's path)."""
-    with trio.move_on_after(REST_OF_BODY_SECONDS), contextlib.suppress(httpx.HTTPError):
-        async for _ in lines:
-            pass
 
 
 def _tool_call_delta(call: Any, index: int) -> dict[str, Any] | None:
@@ -470,7 +473,10 @@ class OpenAIEngine:
         path = "/v1/completions" if job.kind == "completion" else "/v1/chat/completions"
         return path, body
 
-    async def serve(self, job: Job) -> AsyncIterator[Event]:
+    def serve(self, job: Job) -> AsyncIterator[Event]:
+        return _bounded(self._serve(job))
+
+    async def _serve(self, job: Job) -> AsyncGenerator[Event, None]:
         if job.kind == "embedding":
             yield await self.embed(job)
             return
@@ -482,7 +488,7 @@ class OpenAIEngine:
             "POST", f"{self.url}{path}", json=body, headers=self._headers()
         ) as response:
             _raise_for(response, "generation")
-            lines = response.aiter_lines()
+            lines = read_lines(response, MAX_LINE)
             async for line in lines:
                 if not line.startswith("data:"):
                     continue
@@ -538,4 +544,4 @@ class OpenAIEngine:
                     completion_tokens=counted,
                 )
             yield Finish(finish, usage)
-            await _rest_of_body(lines)
+            await drain(lines, REST_OF_BODY_SECONDS)

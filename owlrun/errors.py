@@ -6,8 +6,10 @@ Tree::
     ├── EngineError      the local engine failed a job (``retryable`` says if another node may try)
     ├── RefusedError     the gateway refused this node (wrong secret, banned, bad version)
     ├── GatewayLost      the gateway went silent: no frame, no pong (also a ``ConnectionError``)
-    └── ProtocolError    a frame that is not a valid message of this protocol version (also a
-                         ``ValueError``; ``owlrun.protocol`` raises it, the gateway too)
+    ├── ProtocolError    a frame that is not a valid message of this protocol version (also a
+    │                    ``ValueError``; ``owlrun.protocol`` raises it, the gateway too)
+    └── LineTooLong      a streamed body's line past its bound (``owlrun.lines``; also a
+                         ``ValueError``)
 """
 
 from __future__ import annotations
@@ -38,3 +40,7 @@ class GatewayLost(OwlrunError, ConnectionError):
 
 class ProtocolError(OwlrunError, ValueError):
     """A frame that is not a valid message of this protocol version."""
+
+
+class LineTooLong(OwlrunError, ValueError):
+    """A line of a streamed body (an engine's answer, a forwarded job) past its bound."""

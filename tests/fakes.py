@@ -44,6 +44,8 @@ class Knobs:
     context_length: int | None = None  # reported by /api/show and /v1/models
     linger: float = 0.0  # seconds the body stays open after the answer's end
     break_at_end: bool = False  # drop the connection after the answer's end (no clean end)
+    raw_unicode: bool = False  # JSON with non-ASCII unescaped (as llama.cpp writes it)
+    endless_line: bool = False  # after the first token, one line that never ends
 
 
 def fake_vector(text: Any, dimensions: int | None = None) -> list[float]:
@@ -57,6 +59,18 @@ def fake_vector(text: Any, dimensions: int | None = None) -> list[float]:
 def fake_tokens(text: Any) -> int:
     """The fake engine's token count: a quarter of the bytes (at least 1), or the ids."""
     return len(text) if isinstance(text, list) else max(1, len(str(text).encode()) // 4)
+
+
+def _unescaped(frame: bytes) -> bytes:
+    """An NDJSON line or SSE event with its JSON's non-ASCII characters written raw."""
+    out = []
+    for line in frame.split(b"\n"):
+        prefix = b"data: " if line.startswith(b"data: {") else b""
+        if line[len(prefix) :].startswith(b"{"):
+            data = json.loads(line[len(prefix) :])
+            line = prefix + json.dumps(data, ensure_ascii=False).encode()
+        out.append(line)
+    return b"\n".join(out)
 
 
 @attrs.define(eq=False)
@@ -269,7 +283,13 @@ class FakeEngine:
                     await trio.sleep_forever()
                 if i:
                     await trio.sleep(k.delay)
-                yield self._frame(dialect, kind, body, content=token)
+                    if k.endless_line:
+                        yield b"data: " if dialect == "openai" else b""
+                        while True:  # until the client leaves
+                            yield b'{"x": "' + b"x" * 65536
+                            await trio.lowlevel.checkpoint()
+                frame = self._frame(dialect, kind, body, content=token)
+                yield _unescaped(frame) if k.raw_unicode else frame
                 entry["tokens"] += 1
                 entry["bytes"] += len(token.encode())
             if k.tool_call is not None and kind == "chat":

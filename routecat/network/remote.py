@@ -17,15 +17,15 @@ garbage, or a stream that ends without ``done``/``error`` fails only that attemp
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import httpx
 import trio
 
+from owlrun.errors import LineTooLong
+from owlrun.lines import drain, read_lines
 from owlrun.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -211,11 +211,8 @@ class Forwarder:
                     if response.status_code != 200:
                         reason = f"the serving replica answered HTTP {response.status_code}"
                     else:
-                        lines = response.aiter_lines()
+                        lines = read_lines(response, MAX_LINE)
                         async for line in lines:
-                            if len(line) > MAX_LINE:
-                                reason = "a frame over the size limit"
-                                break
                             if not line.strip():
                                 continue
                             frame = decode(line)
@@ -226,10 +223,12 @@ class Forwarder:
                             attempt.deliver_nowait(frame)
                             if isinstance(frame, Done | Embedded | JobError):
                                 reason = None  # the job's last frame: nothing failed
-                                await _rest_of_stream(lines)
+                                await drain(lines, REST_OF_STREAM_SECONDS)
                                 break
             except ProtocolError as exc:
                 reason = f"protocol violation from the serving replica: {exc}"
+            except LineTooLong:
+                reason = "a frame over the size limit"
             except httpx.HTTPError as exc:
                 reason = f"the serving replica is unreachable ({type(exc).__name__})"
         link._jobs.pop(job.job_id, None)
@@ -255,14 +254,3 @@ class Forwarder:
             log.warning("job %s not fetched from replica %s: %r", job_id, link.replica_id, exc)
             return None
         return body if isinstance(body, dict) else None
-
-
-async def _rest_of_stream(lines: AsyncIterator[str]) -> None:
-    """Read the end of a forwarded job's stream once its last frame has been handed on
-    (the serving replica ends the body right after it), so that the connection goes
-    back to the pool: a new connection per forwarded job would cost both replicas a TCP
-    handshake. Bounded: a replica that keeps the stream open, or breaks it there, costs
-    a new connection, not the job (its last frame is already delivered)."""
-    with trio.move_on_after(REST_OF_STREAM_SECONDS), contextlib.suppress(httpx.HTTPError):
-        async for _ in lines:
-            pass

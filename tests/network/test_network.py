@@ -286,6 +286,59 @@ async def test_an_engine_breaking_the_connection_after_the_answer_costs_no_job(
         assert link.closed_reason is None
 
 
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_honest_tokens_with_unicode_line_separators_reach_the_client(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """JSON carries U+2028, U+2029 and U+0085 unescaped inside strings (llama.cpp writes
+    them raw): a line of the engine's answer ends at its newline, not at those."""
+    reply = ["a\u2028b", " c\u0085d", " e\u2029f"]
+    with trio.fail_after(20):
+        net = await start_network(
+            nursery, tmp_path, backend=backend, knobs=Knobs(reply=reply, raw_unicode=True)
+        )
+        async with net.client() as c:
+            r = await c.post("/v1/chat/completions", json=chat("odd characters"))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "".join(reply)
+            async with c.stream(
+                "POST", "/v1/chat/completions", json=chat("odd characters", stream=True)
+            ) as s:
+                events, done, _ = await read_sse(s)
+            assert done and text_of(events) == "".join(reply)
+    assert net.nodes[0].agent.totals.failed == 0
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+async def test_an_engine_line_that_never_ends_fails_only_its_job(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """An engine that starts a line and never ends it fails that job once the line
+    passes 16 Mi characters (the agent holds no more than that of it), and the agent
+    goes on serving."""
+    with trio.fail_after(30):
+        net = await start_network(
+            nursery,
+            tmp_path,
+            backend=backend,
+            knobs=Knobs(models=["llama3.1:8b", "endless:1b"], reply=["one", " two"]),
+        )
+        net.engine.model_knobs["endless:1b"] = Knobs(reply=["one", " two"], endless_line=True)
+        agent = net.nodes[0].agent
+        async with net.client() as c:
+            r = await c.post(
+                "/v1/chat/completions", json={**chat("endless"), "model": "endless:1b"}
+            )
+            assert r.status_code == 502, r.text
+            assert "engine sent a line over" in r.text
+            r = await c.post("/v1/chat/completions", json=chat("and then"))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "one two"
+        assert agent.totals.failed == 1
+        assert agent.sessions == 1  # never disconnected
+        await wait_for(lambda: net.engine.active == 0)  # the endless answer was let go
+
+
 async def test_node_killed_before_first_token_fails_over(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -310,60 +310,60 @@ class OllamaEngine:
         tool_index = 0
         async with self.client.stream("POST", f"{self.url}{path}", json=body) as response:
             _raise_for(response, "generation")
-            lines = read_lines(response, MAX_LINE)
-            async for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    raise EngineError("engine sent a line that is not JSON", True) from None
-                if data.get("error"):
-                    raise EngineError("engine reported an error mid-stream", False)
-                if job.kind == "completion":
-                    text = data.get("response") or ""
-                    if text:
-                        yield Delta(content=text)
-                else:
-                    message = data.get("message") or {}
-                    calls = []
-                    for call in message.get("tool_calls") or []:
-                        fn = call.get("function") or {}
-                        args = fn.get("arguments", {})
-                        calls.append(
-                            {
-                                "index": tool_index,
-                                "id": "call_" + secrets.token_hex(12),
-                                "type": "function",
-                                "function": {
-                                    "name": fn.get("name", ""),
-                                    "arguments": args
-                                    if isinstance(args, str)
-                                    else json.dumps(args),
-                                },
-                            }
+            async with contextlib.aclosing(read_lines(response, MAX_LINE)) as lines:
+                async for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        data = json.loads(line)
+                    except ValueError:
+                        raise EngineError("engine sent a line that is not JSON", True) from None
+                    if data.get("error"):
+                        raise EngineError("engine reported an error mid-stream", False)
+                    if job.kind == "completion":
+                        text = data.get("response") or ""
+                        if text:
+                            yield Delta(content=text)
+                    else:
+                        message = data.get("message") or {}
+                        calls = []
+                        for call in message.get("tool_calls") or []:
+                            fn = call.get("function") or {}
+                            args = fn.get("arguments", {})
+                            calls.append(
+                                {
+                                    "index": tool_index,
+                                    "id": "call_" + secrets.token_hex(12),
+                                    "type": "function",
+                                    "function": {
+                                        "name": fn.get("name", ""),
+                                        "arguments": args
+                                        if isinstance(args, str)
+                                        else json.dumps(args),
+                                    },
+                                }
+                            )
+                            tool_index += 1
+                        delta = Delta(
+                            content=_str_or_none(message.get("content")),
+                            tool_calls=calls or None,
+                            reasoning=_str_or_none(message.get("thinking")),
                         )
-                        tool_index += 1
-                    delta = Delta(
-                        content=_str_or_none(message.get("content")),
-                        tool_calls=calls or None,
-                        reasoning=_str_or_none(message.get("thinking")),
-                    )
-                    if not delta.is_empty():
-                        yield delta
-                if data.get("done"):
-                    reason = data.get("done_reason") or "stop"
-                    if tool_index and reason == "stop":
-                        reason = "tool_calls"
-                    usage = Usage(
-                        prompt_tokens=_count(data.get("prompt_eval_count")),
-                        completion_tokens=_count(data.get("eval_count")),
-                    )
-                    yield Finish(
-                        reason if reason in ("stop", "length", "tool_calls") else "stop", usage
-                    )
-                    await drain(lines, REST_OF_BODY_SECONDS)
-                    return
+                        if not delta.is_empty():
+                            yield delta
+                    if data.get("done"):
+                        reason = data.get("done_reason") or "stop"
+                        if tool_index and reason == "stop":
+                            reason = "tool_calls"
+                        usage = Usage(
+                            prompt_tokens=_count(data.get("prompt_eval_count")),
+                            completion_tokens=_count(data.get("eval_count")),
+                        )
+                        yield Finish(
+                            reason if reason in ("stop", "length", "tool_calls") else "stop", usage
+                        )
+                        await drain(lines, REST_OF_BODY_SECONDS)
+                        return
         raise EngineError("engine closed the stream before it was done", True)
 
 
@@ -488,60 +488,60 @@ class OpenAIEngine:
             "POST", f"{self.url}{path}", json=body, headers=self._headers()
         ) as response:
             _raise_for(response, "generation")
-            lines = read_lines(response, MAX_LINE)
-            async for line in lines:
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    data = json.loads(payload)
-                except ValueError:
-                    raise EngineError("engine sent an event that is not JSON", True) from None
-                if not isinstance(data, dict):
-                    continue
-                if data.get("error"):
-                    raise EngineError("engine reported an error mid-stream", False)
-                if isinstance(data.get("usage"), dict):
-                    usage = Usage(
-                        prompt_tokens=_count(data["usage"].get("prompt_tokens")),
-                        completion_tokens=_count(data["usage"].get("completion_tokens")),
-                    )
-                for choice in data.get("choices") or []:
-                    if job.kind == "completion":
-                        text = choice.get("text") or ""
-                        delta = Delta(content=text) if text else None
-                    else:
-                        d = choice.get("delta") or {}
-                        raw = d.get("tool_calls")
-                        calls = [
-                            call
-                            for i, item in enumerate(raw if isinstance(raw, list) else [])
-                            if (call := _tool_call_delta(item, i)) is not None
-                        ]
-                        delta = Delta(
-                            content=_str_or_none(d.get("content")),
-                            tool_calls=calls or None,
-                            reasoning=_str_or_none(d.get("reasoning_content"))
-                            or _str_or_none(d.get("reasoning")),
-                            refusal=_str_or_none(d.get("refusal")),
+            async with contextlib.aclosing(read_lines(response, MAX_LINE)) as lines:
+                async for line in lines:
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    try:
+                        data = json.loads(payload)
+                    except ValueError:
+                        raise EngineError("engine sent an event that is not JSON", True) from None
+                    if not isinstance(data, dict):
+                        continue
+                    if data.get("error"):
+                        raise EngineError("engine reported an error mid-stream", False)
+                    if isinstance(data.get("usage"), dict):
+                        usage = Usage(
+                            prompt_tokens=_count(data["usage"].get("prompt_tokens")),
+                            completion_tokens=_count(data["usage"].get("completion_tokens")),
                         )
-                        if delta.is_empty():
-                            delta = None
-                    if delta is not None:
-                        counted += 1
-                        yield delta
-                    if choice.get("finish_reason"):
-                        finish = str(choice["finish_reason"])
-            if finish is None:
-                raise EngineError("engine closed the stream before it was done", True)
-            if usage is None or usage.completion_tokens is None:
-                # No usage chunk (llama-cpp-python ignores include_usage): report what we
-                # streamed.
-                usage = Usage(
-                    prompt_tokens=usage.prompt_tokens if usage else None,
-                    completion_tokens=counted,
-                )
-            yield Finish(finish, usage)
-            await drain(lines, REST_OF_BODY_SECONDS)
+                    for choice in data.get("choices") or []:
+                        if job.kind == "completion":
+                            text = choice.get("text") or ""
+                            delta = Delta(content=text) if text else None
+                        else:
+                            d = choice.get("delta") or {}
+                            raw = d.get("tool_calls")
+                            calls = [
+                                call
+                                for i, item in enumerate(raw if isinstance(raw, list) else [])
+                                if (call := _tool_call_delta(item, i)) is not None
+                            ]
+                            delta = Delta(
+                                content=_str_or_none(d.get("content")),
+                                tool_calls=calls or None,
+                                reasoning=_str_or_none(d.get("reasoning_content"))
+                                or _str_or_none(d.get("reasoning")),
+                                refusal=_str_or_none(d.get("refusal")),
+                            )
+                            if delta.is_empty():
+                                delta = None
+                        if delta is not None:
+                            counted += 1
+                            yield delta
+                        if choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+                if finish is None:
+                    raise EngineError("engine closed the stream before it was done", True)
+                if usage is None or usage.completion_tokens is None:
+                    # No usage chunk (llama-cpp-python ignores include_usage): report what we
+                    # streamed.
+                    usage = Usage(
+                        prompt_tokens=usage.prompt_tokens if usage else None,
+                        completion_tokens=counted,
+                    )
+                yield Finish(finish, usage)
+                await drain(lines, REST_OF_BODY_SECONDS)

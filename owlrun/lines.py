@@ -13,7 +13,7 @@ before it is dropped), as NDJSON and every engine's SSE end theirs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 import trio
@@ -21,10 +21,11 @@ import trio
 from owlrun.errors import LineTooLong
 
 
-async def read_lines(response: httpx.Response, limit: int) -> AsyncIterator[str]:
+async def read_lines(response: httpx.Response, limit: int) -> AsyncGenerator[str, None]:
     """The body's lines without their ends; ``LineTooLong`` once a line passes
     ``limit`` characters, before much more than that is held. A last line with no
-    newline is yielded at the end of the body."""
+    newline is yielded at the end of the body. Use it in ``contextlib.aclosing``: a
+    reader left before the body's end is then closed at once."""
     held: list[str] = []  # the pieces of a line not yet ended
     size = 0
     async for text in response.aiter_text():

@@ -17,6 +17,7 @@ garbage, or a stream that ends without ``done``/``error`` fails only that attemp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -211,20 +212,22 @@ class Forwarder:
                     if response.status_code != 200:
                         reason = f"the serving replica answered HTTP {response.status_code}"
                     else:
-                        lines = read_lines(response, MAX_LINE)
-                        async for line in lines:
-                            if not line.strip():
-                                continue
-                            frame = decode(line)
-                            if not isinstance(frame, Chunk | Chunks | Done | Embedded | JobError):
-                                raise ProtocolError(f"unexpected {frame.type} frame")
-                            if frame.job_id != job.job_id:
-                                raise ProtocolError("a frame for another job")
-                            attempt.deliver_nowait(frame)
-                            if isinstance(frame, Done | Embedded | JobError):
-                                reason = None  # the job's last frame: nothing failed
-                                await drain(lines, REST_OF_STREAM_SECONDS)
-                                break
+                        async with contextlib.aclosing(read_lines(response, MAX_LINE)) as lines:
+                            async for line in lines:
+                                if not line.strip():
+                                    continue
+                                frame = decode(line)
+                                if not isinstance(
+                                    frame, Chunk | Chunks | Done | Embedded | JobError
+                                ):
+                                    raise ProtocolError(f"unexpected {frame.type} frame")
+                                if frame.job_id != job.job_id:
+                                    raise ProtocolError("a frame for another job")
+                                attempt.deliver_nowait(frame)
+                                if isinstance(frame, Done | Embedded | JobError):
+                                    reason = None  # the job's last frame: nothing failed
+                                    await drain(lines, REST_OF_STREAM_SECONDS)
+                                    break
             except ProtocolError as exc:
                 reason = f"protocol violation from the serving replica: {exc}"
             except LineTooLong:

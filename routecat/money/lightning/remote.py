@@ -9,6 +9,8 @@ are never logged.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import json
 import ssl
 import time
@@ -18,10 +20,14 @@ import attrs
 import bolt11
 import httpx
 
+from owlrun.errors import LineTooLong
+from owlrun.lines import read_lines
 from routecat.money.lightning.backend import NETWORKS_BY_PREFIX, Invoice, InvoiceStatus, Payment
 from routecat.money.lightning.errors import LightningError, map_exceptions
 
 DEFINITE = {401, 403, 404, 405}
+LND_MAX_LINE = 1024 * 1024  # characters in one of LND's streamed updates, at most
+LND_KEPT_LINES = 16
 TIMEOUT = httpx.Timeout(20.0, connect=10.0)
 
 
@@ -323,7 +329,7 @@ class LndRest:
                     )
                 if r.status_code >= 400:
                     raise LightningError(f"LND send: HTTP {r.status_code}")
-                lines = [line async for line in r.aiter_lines()]
+                lines = await _last_lines(r, "LND send")
         return self._payment_from(payment_hash, lines)
 
     async def payment_status(self, payment_hash: str) -> Payment:
@@ -338,11 +344,7 @@ class LndRest:
                     return Payment("failed", payment_hash, reason="LND has no such payment")
                 if r.status_code >= 400:
                     raise LightningError(f"LND track: HTTP {r.status_code}")
-                lines = []
-                async for line in r.aiter_lines():
-                    lines.append(line)
-                    if '"SUCCEEDED"' in line or '"FAILED"' in line:
-                        break
+                lines = await _last_lines(r, "LND track", until=('"SUCCEEDED"', '"FAILED"'))
         return self._payment_from(payment_hash, lines)
 
     async def balance_msat(self) -> int:
@@ -352,3 +354,22 @@ class LndRest:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+async def _last_lines(
+    response: httpx.Response, what: str, until: tuple[str, ...] = ()
+) -> list[str]:
+    """The last lines of LND's streamed updates (its final update is what counts),
+    bounded: a line past ``LND_MAX_LINE`` is the backend's error, and however many lines
+    it streams, only the last ``LND_KEPT_LINES`` are held. Stops after a line holding
+    any of ``until``."""
+    kept: collections.deque[str] = collections.deque(maxlen=LND_KEPT_LINES)
+    try:
+        async with contextlib.aclosing(read_lines(response, LND_MAX_LINE)) as lines:
+            async for line in lines:
+                kept.append(line)
+                if any(word in line for word in until):
+                    break
+    except LineTooLong as exc:
+        raise LightningError(f"{what}: {exc}") from None
+    return list(kept)

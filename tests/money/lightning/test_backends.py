@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -162,6 +163,23 @@ def lnd_app(node: FakeNode, macaroon: str) -> QuartTrio:
                 else "FAILURE_REASON_NONE",
             }
         }
+        if node.pay_mode == "endless_line":  # a hostile backend: one line, never ended
+
+            async def endless() -> AsyncIterator[bytes]:
+                yield b'{"result": {"status": "IN_FLIGHT", "x": "'
+                while True:
+                    yield b"x" * 65536
+                    await trio.lowlevel.checkpoint()
+
+            return Response(endless(), content_type="application/json")
+        if node.pay_mode == "chatter_then_paid":  # many updates, the last one counts
+
+            async def chatter() -> AsyncIterator[bytes]:
+                for _ in range(1000):
+                    yield json.dumps({"result": {"status": "IN_FLIGHT"}}).encode() + b"\n"
+                yield json.dumps(line).encode() + b"\n"
+
+            return Response(chatter(), content_type="application/json")
         return Response(json.dumps(line) + "\n", content_type="application/json")
 
     @app.get("/v2/router/track/<h>")
@@ -249,6 +267,15 @@ async def test_lnd_adapter(nursery: trio.Nursery) -> None:
         h3 = str(bolt11.decode(pr3).payment_hash)
         assert (await backend.payment_status(h3)).state == "paid"
         assert (await backend.payment_status("ef" * 32)).state == "failed"
+        # Streamed updates are read bounded: the last of many counts, and a line that
+        # never ends is the backend's error (an unknown outcome), not unbounded memory.
+        node.pay_mode = "chatter_then_paid"
+        _, pr4 = FakeNode().new_invoice(100_000)
+        assert (await backend.pay_invoice(pr4, 10_000)).state == "paid"
+        node.pay_mode = "endless_line"
+        _, pr5 = FakeNode().new_invoice(100_000)
+        with pytest.raises(LightningError, match="LND send: a line over 1048576 characters"):
+            await backend.pay_invoice(pr5, 10_000)
         assert await backend.balance_msat() == 5_000_000
         assert all(seen == macaroon for seen in node.auth_seen)
         await backend.close()

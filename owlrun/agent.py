@@ -438,9 +438,9 @@ class Agent:
     async def _heartbeats(self, ws: trio_websocket.WebSocketConnection) -> None:
         """A heartbeat every interval. Version 4: the gateway answers none, so when it
         has said nothing for ``ping_after`` seconds, the heartbeat is followed at once
-        by a websocket ping (its server answers it, below the application; both reach
-        the gateway in one read), and no pong within one more interval is a lost
-        connection (``GatewayLost``)."""
+        by a websocket ping (its server answers it, below the application; leaving
+        together, both usually reach the gateway in one read), and no pong within one
+        more interval is a lost connection (``GatewayLost``)."""
         quiet = ping_after(self.heartbeat_interval)
         wait = max(self.heartbeat_interval, 1.0)  # never a hair-trigger on a busy loop
         async with trio.open_nursery() as nursery:

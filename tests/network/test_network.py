@@ -16,11 +16,14 @@ import openai
 import pytest
 import trio
 import trio_websocket
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from owlrun.agent import Agent, open_gateway_socket
 from owlrun.engines import OllamaEngine
 from owlrun.identity import Identity
 from owlrun.protocol import (
+    HEARTBEAT_INTERVAL_RANGE,
     NODE_HEADER,
     QUIET_GATEWAY_PROTOCOL,
     SECRET_HEADER,
@@ -530,13 +533,37 @@ async def test_the_kernel_drops_a_path_that_stops_acknowledging_three_heartbeats
         assert user_timeouts() == [5_000]
 
 
-@pytest.mark.parametrize("interval", [-5.0, 0.0, 1e-9, 0.09, 3601.0, 1e300])
-async def test_an_agent_survives_a_gateway_with_an_absurd_heartbeat_interval(
-    nursery: trio.Nursery, tmp_path: Path, interval: float
-) -> None:
-    """A welcome's heartbeat interval outside 0.1-3600 s is a protocol violation: the
-    agent neither spins (0) nor stops on a negative sleep; it keeps reconnecting with
-    its backoff, and never counts a session."""
+# Anything a gateway may put in a welcome's heartbeat_interval (JSON carries NaN and
+# Infinity too, as Python writes them).
+welcome_intervals = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0.05, max_value=4000),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.text(max_size=5),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(interval=welcome_intervals)
+# The values that mattered: 0 made the agent beat in a tight loop, a negative one
+# stopped it on trio.sleep's ValueError.
+@example(interval=-5.0)
+@example(interval=0.0)
+@example(interval=1e-9)
+@example(interval=0.09)
+@example(interval=3601.0)
+@example(interval=1e300)
+def test_an_agent_survives_any_heartbeat_interval_a_gateway_sends(interval: Any) -> None:
+    """A welcome's heartbeat interval outside 0.1-3600 s (or not a number) is a
+    protocol violation: the agent neither spins nor stops; it keeps reconnecting with
+    its backoff and never counts a session. Within the range it runs the session."""
+    trio.run(_agent_welcomed_with, interval)
+
+
+async def _agent_welcomed_with(interval: Any) -> None:
     attempts: list[dict[str, Any]] = []
 
     async def hostile(request: trio_websocket.WebSocketRequest) -> None:
@@ -546,35 +573,46 @@ async def test_an_agent_survives_a_gateway_with_an_absurd_heartbeat_interval(
         welcome |= {"protocol_version": 4, "payout_threshold_sats": 1000}
         await ws.send_message(json.dumps(welcome | {"heartbeat_interval": interval}))
         with contextlib.suppress(trio_websocket.ConnectionClosed):
-            await ws.get_message()  # until the agent leaves
+            while True:
+                await ws.get_message()  # until the agent leaves
 
-    server = await nursery.start(
-        functools.partial(trio_websocket.serve_websocket, hostile, "127.0.0.1", 0, ssl_context=None)
-    )
-    engine = await start_engine(nursery)
-    async with httpx.AsyncClient() as client:
-        agent = Agent(
-            gateway=f"http://127.0.0.1:{server.port}",
-            identity=Identity("node_" + "a" * 12, "s" * 32),
-            engine=OllamaEngine(engine.url, client),
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket, hostile, "127.0.0.1", 0, ssl_context=None
+            )
         )
-        ended: list[BaseException | None] = []
+        engine = await start_engine(nursery)
+        async with httpx.AsyncClient() as client:
+            agent = Agent(
+                gateway=f"http://127.0.0.1:{server.port}",
+                identity=Identity("node_" + "a" * 12, "s" * 32),
+                engine=OllamaEngine(engine.url, client),
+            )
+            ended: list[BaseException | None] = []
 
-        async def run() -> None:
-            try:
-                await agent.run()
-            except BaseException as exc:
-                ended.append(exc)
-                raise
-            ended.append(None)
+            async def run() -> None:
+                try:
+                    await agent.run()
+                except BaseException as exc:
+                    ended.append(exc)
+                    raise
+                ended.append(None)
 
-        with trio.fail_after(20):
-            async with trio.open_nursery() as running:
-                running.start_soon(run)
-                await wait_for(lambda: len(attempts) >= 3, timeout=10)
-                assert ended == []  # the agent is alive, still trying
-                assert agent.sessions == 0 and not agent.connected
-                running.cancel_scope.cancel()
+            with trio.fail_after(20):
+                async with trio.open_nursery() as running:
+                    running.start_soon(run)
+                    await wait_for(lambda: len(attempts) >= 2 or agent.sessions, timeout=10)
+                    await trio.sleep(0.3)
+                    assert ended == []  # the agent is alive
+                    low, high = HEARTBEAT_INTERVAL_RANGE
+                    if agent.sessions:
+                        assert agent.connected and len(attempts) == 1
+                        assert low <= agent.heartbeat_interval <= high
+                    else:  # still trying, never in a session
+                        assert len(attempts) >= 2 and not agent.connected
+                    running.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
 
 
 async def test_wrong_secret_for_known_id_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from owlrun.errors import ProtocolError as ProtocolError  # re-exported: the pro
 PROTOCOL_VERSION = 4
 # From this version the gateway does not answer heartbeats: the agent learns that the
 # gateway is alive from any frame, or else from a websocket ping's pong (answered by
-# the gateway's server, below its application), sent after two quiet intervals.
+# the gateway's server, below its application), sent with a heartbeat after five quiet
+# intervals (``owlrun.agent.ping_after``).
 QUIET_GATEWAY_PROTOCOL = 4
 # The heartbeat intervals (seconds) both ends accept: a welcome outside them is a
 # protocol violation (the agent would spin on 0, or stop on a negative sleep), an

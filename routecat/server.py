@@ -39,7 +39,8 @@ Service = Callable[..., Awaitable[Any]]
 
 
 def guard_connections() -> None:
-    """Make a connection's failure inside hypercorn end that connection, not the server.
+    """Make a connection's failure inside hypercorn end that connection, not the server;
+    and let the application claim a new connection before hypercorn reads it.
 
     Hypercorn's trio server (0.17 and 0.18) lets any exception but ``OSError`` out of
     a connection's handler into the server's nursery, which stops the whole process,
@@ -49,7 +50,10 @@ def guard_connections() -> None:
     unauthenticated request (hypercorn issue 225; the fix upstream was reverted). Such
     an exception now closes its connection (hypercorn's ``finally`` already does) and is
     logged; cancellation and everything that is not an ``Exception`` pass through.
-    Idempotent.
+
+    An application with a ``claim(stream, wait, max_head)`` method (``CompletionRoutes``)
+    is given each plain TCP connection first: it serves it itself (returns None) or
+    returns the stream hypercorn is to serve. Idempotent.
     """
     tcp_server = hypercorn.trio.tcp_server.TCPServer
     original = tcp_server.run
@@ -59,6 +63,14 @@ def guard_connections() -> None:
     @functools.wraps(original)
     async def run(self: Any) -> None:
         try:
+            claim = getattr(getattr(self.app, "app", None), "claim", None)
+            if claim is not None and isinstance(self.stream, trio.SocketStream):
+                stream = await claim(
+                    self.stream, self.config.keep_alive_timeout, self.config.h11_max_incomplete_size
+                )
+                if stream is None:
+                    return
+                self.stream = stream
             await original(self)
         except* Exception as group:
             log.warning(

@@ -56,7 +56,7 @@ from routecat.api.http import (
     method_label,
     send_shielding_the_end,
 )
-from routecat.api.nodes import serve_node_websocket
+from routecat.api.nodes import claim_node_connection, serve_node_websocket
 from routecat.gateway import Gateway
 from routecat.network.jobs import JobKind
 
@@ -188,6 +188,17 @@ class CompletionRoutes:
                         await exchange.error(wrong, {"Allow": "OPTIONS, POST"})
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def claim(
+        self, stream: trio.SocketStream, wait: float, max_head: int
+    ) -> trio.abc.HalfCloseableStream | None:
+        """A new connection, before hypercorn reads it: the node websocket is served
+        here on the socket itself (``claim_node_connection``); anything else is given
+        back to hypercorn."""
+        gw = self.gw
+        return await claim_node_connection(
+            gw.registry, gw.config, gw.earnings.mark_dirty, stream, wait=wait, max_head=max_head
+        )
 
     async def _serve(self, kind: JobKind, exchange: _Exchange, body: _Body) -> None:
         gw = self.gw

@@ -1,6 +1,7 @@
 """Hostile HTTP clients against a live gateway: raw bytes no real client sends
-(websocket upgrades with bytes after their head, broken heads, lying lengths, bytes
-cut anywhere) must cost the gateway at most that connection.
+(websocket upgrades with bytes or broken websocket frames after their head, broken
+heads, lying lengths, bytes cut anywhere) must cost the gateway at most that
+connection.
 
 One live gateway, its engine and an honest owlrun node run in a thread of their own
 (``tests.servers.LiveGateway``); each example is a fresh ``trio.run`` talking to it
@@ -47,9 +48,53 @@ heads = st.one_of(
     ),
     st.binary(max_size=200),
 )
+
+
+def ws_frame(
+    opcode: int, fin: bool, mask: bytes | None, payload: bytes, length: int | None
+) -> bytes:
+    """One websocket frame as a client writes it, or as a liar does (unmasked, a
+    reserved opcode, a length that is not the payload's)."""
+    n = len(payload) if length is None else length
+    bit = 0x80 if mask is not None else 0
+    if n < 126:
+        head = bytes([(0x80 if fin else 0) | opcode, bit | n])
+    elif n < 1 << 16:
+        head = bytes([(0x80 if fin else 0) | opcode, bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([(0x80 if fin else 0) | opcode, bit | 127]) + n.to_bytes(8, "big")
+    if mask is not None:
+        head += mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + payload
+
+
+payloads = st.one_of(
+    st.binary(max_size=100),
+    st.text(max_size=50).map(str.encode),
+    st.sampled_from(
+        [
+            b'{"type":"hello","node_id":"node-x","agent_version":"1","protocol_version":4,'
+            b'"models":[{"name":"m:1b"}],"max_concurrency":1}',
+            b'{"type":"heartbeat","in_flight":0}',
+            b"\x03\xe8bye",  # a close's code and reason
+        ]
+    ),
+)
+frames = st.lists(
+    st.builds(
+        ws_frame,
+        st.sampled_from([0, 1, 2, 3, 8, 9, 10, 11]),  # continuation, text, binary, ping...
+        st.booleans(),
+        st.one_of(st.none(), st.binary(min_size=4, max_size=4)),
+        payloads,
+        st.one_of(st.none(), st.integers(min_value=0, max_value=(1 << 63) - 1)),
+    ),
+    max_size=4,
+).map(b"".join)
 attacks = st.tuples(
     heads,
-    st.binary(max_size=64),  # what follows the head in the same write
+    st.one_of(st.binary(max_size=64), frames),  # what follows the head in the same write
     st.one_of(st.none(), st.integers(min_value=0, max_value=400)),  # cut after n bytes
     st.sampled_from([0.0, 0.05]),  # time before the client vanishes
 )

@@ -1,10 +1,13 @@
-"""The node websocket (``owlrun.protocol.WS_PATH``) as plain ASGI: hypercorn's events
-as a session ``Transport``.
+"""The node websocket (``owlrun.protocol.WS_PATH``) as a session ``Transport``, served
+two ways.
 
-Served in front of Quart (``routecat.api.asgi``), like the completions routes: each
-frame goes from hypercorn's queue to the session's receive loop, where Quart's
-websocket passed it through a task and a queue of its own (and a signal) first. With
-10,000 idle nodes a heartbeat is most of what a gateway does.
+On its own connection (``claim_node_connection``): a connection whose first request is
+the upgrade, as every agent opens it, is served here on the socket with wsproto, in
+the session's task. Otherwise as plain ASGI (``serve_node_websocket``), in front of
+Quart (``routecat.api.asgi``): hypercorn's events as the transport. With 10,000 idle
+nodes a heartbeat is most of what a gateway does, and hypercorn's path for one frame
+(its HTTP/1.1 protocol, its websocket stream, a queue to the application's task, a
+timeout scope on every read) cost about twice the first way's.
 """
 
 from __future__ import annotations
@@ -131,30 +134,27 @@ async def claim_node_connection(
     the socket itself; give any other back, as a stream that first replays what was
     read of it (None once served or gone).
 
-    Hypercorn's path for a websocket frame is its HTTP/1.1 protocol, its websocket
-    stream, a queue to the application's task and a timeout scope on every read:
-    about half of what 10,000 idle nodes cost the gateway. Here a frame is one read,
-    wsproto's parse and the session's loop, in one task. Whatever this does not
-    recognise (a query string, a head it cannot parse, an upgrade later on a
-    keep-alive connection) goes to hypercorn, which serves the same session through
-    ``serve_node_websocket``. ``wait`` bounds the wait for the head (hypercorn's
-    keep-alive timeout: what it would give an idle connection), ``max_head`` its size.
+    Here a frame is one read, wsproto's parse and the session's loop, in one task.
+    Whatever this does not recognise (a query string, a head it cannot parse, an
+    upgrade later on a keep-alive connection) goes to hypercorn, which serves the same
+    session through ``serve_node_websocket``. ``wait`` bounds the wait for the head
+    (hypercorn's keep-alive timeout: what it would give an idle connection),
+    ``max_head`` its size (hypercorn's bound on an incomplete head).
     """
-    data = b""
+    data = bytearray()
+    end = -1
     try:
         with trio.move_on_after(wait):
-            while _CLAIMED.startswith(data[: len(_CLAIMED)]) and b"\r\n\r\n" not in data:
-                if len(data) > max_head:
-                    break
+            while end < 0 and len(data) <= max_head and _CLAIMED.startswith(data[: len(_CLAIMED)]):
                 more = await stream.receive_some(_READ)
                 if not more:
                     break
                 data += more
-        end = data.find(b"\r\n\r\n")
+                end = data.find(b"\r\n\r\n", max(0, len(data) - len(more) - 3))
         if data.startswith(_CLAIMED) and end >= 0:
             ws = WSConnection(ConnectionType.SERVER)
             try:
-                ws.receive_data(data[: end + 4])
+                ws.receive_data(bytes(data[: end + 4]))
                 request = next(iter(ws.events()), None)
             except RemoteProtocolError:
                 request = None  # hypercorn answers it as it would any bad request
@@ -162,14 +162,14 @@ async def claim_node_connection(
                 await stream.send_all(ws.send(AcceptConnection()))
                 socket = _RawSocket(stream, ws, config.max_frame_bytes)
                 if end + 4 < len(data):
-                    await socket.feed(data[end + 4 :])
+                    await socket.feed(bytes(data[end + 4 :]))
                 await _run(registry, config, on_online, socket, request.extra_headers)
                 await stream.aclose()
                 return None
         if not data:
             await stream.aclose()
             return None
-        return Replay(stream, data)
+        return Replay(stream, bytes(data))
     except BaseException:
         await stream.aclose()
         raise

@@ -282,3 +282,51 @@ async def test_a_connection_that_leaves_mid_head_costs_nothing(gateway: Running)
         await stream.aclose()
     async with httpx.AsyncClient(base_url=gateway.url) as c:
         assert (await c.get("/healthz")).status_code == 200
+
+
+async def raw_exchange(gateway: Running, pieces: list[bytes]) -> bytes:
+    """Write ``pieces`` on a new connection, a little apart; what comes back until the
+    gateway closes or 2 s pass."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    answer = b""
+    try:
+        for piece in pieces:
+            await stream.send_all(piece)
+            await trio.sleep(0.02)
+        with trio.move_on_after(2):
+            while b"\r\n\r\n" not in answer:
+                more = await stream.receive_some(65536)
+                if not more:
+                    break
+                answer += more
+    finally:
+        await stream.aclose()
+    return answer
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"GE", b"T /", b"healthz HTTP/1.1\r\nHost: x\r\n\r\n"],
+        [b"GET /v1/nod", b"es/", b"ws", b"/more HTTP/1.1\r\nHost: x\r\n\r\n"],
+    ],
+    ids=["healthz", "a-longer-path"],
+)
+async def test_a_request_that_starts_like_the_node_sockets_is_served_as_any(
+    gateway: Running, pieces: list[bytes]
+) -> None:
+    answer = await raw_exchange(gateway, pieces)
+    expected = b"HTTP/1.1 200" if b"healthz" in pieces[-1] else b"HTTP/1.1 404"
+    assert answer.startswith(expected), answer[:200]
+
+
+async def test_a_node_head_over_the_bound_is_refused_by_the_http_server(
+    gateway: Running,
+) -> None:
+    head = b"GET " + WS_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    # Never ended: the bound is what stops the wait for the rest.
+    answer = await raw_exchange(gateway, [head, b"p" * (80 * 1024)])
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]  # header fields too large
+    async with gateway.client() as c:
+        assert (await c.get("/healthz")).status_code == 200

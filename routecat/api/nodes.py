@@ -170,6 +170,9 @@ async def claim_node_connection(
             await stream.aclose()
             return None
         return Replay(stream, bytes(data))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.aclose()  # gone (reset) before the session: nothing failed
+        return None
     except BaseException:
         await stream.aclose()
         raise

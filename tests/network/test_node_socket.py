@@ -11,7 +11,10 @@ limit. Each way, the node's session and the other nodes fare the same.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -330,3 +333,22 @@ async def test_a_node_head_over_the_bound_is_refused_by_the_http_server(
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]  # header fields too large
     async with gateway.client() as c:
         assert (await c.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize("sent", [b"GET /v1/nodes", b"GET /v1/nodes/ws HTTP/1.1\r\nHost: x\r\n"])
+async def test_a_connection_reset_mid_head_is_no_failure(
+    gateway: Running, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    # A reset (SO_LINGER 0) while the gateway waits for the rest of the head: the
+    # peer is gone, which is not a failure of the server's to log.
+    caplog.set_level(logging.WARNING, logger="routecat")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(sent)
+    await trio.sleep(0.05)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+    async with gateway.client() as c:
+        assert (await c.get("/healthz")).status_code == 200
+    await trio.sleep(0.05)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("routecat")] == []

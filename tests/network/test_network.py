@@ -703,7 +703,10 @@ async def test_hundred_concurrent_streams_over_three_nodes(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        net = await start_network(nursery, tmp_path, nodes=3, knobs=Knobs(delay=0.01), max_jobs=40)
+        # Each stream waits a second for its first token: the hundred are in flight
+        # together, more than two nodes' 40 slots, whatever the machine's pace.
+        knobs = Knobs(delay=0.01, first_delay=1.0)
+        net = await start_network(nursery, tmp_path, nodes=3, knobs=knobs, max_jobs=40)
         results: dict[int, str] = {}
         limits = httpx.Limits(max_connections=200)
         async with net.gateway.client(

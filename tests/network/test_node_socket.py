@@ -141,7 +141,8 @@ async def open_peer(
         with trio.fail_after(10):
             accepted = await peer.next_event()
         assert isinstance(accepted, AcceptConnection), accepted
-        yield peer
+        with trio.fail_after(30):
+            yield peer
     finally:
         await stream.aclose()
 
@@ -278,13 +279,14 @@ async def test_a_plain_get_on_the_node_path_is_answered_as_any_unknown_route(
 
 
 async def test_a_connection_that_leaves_mid_head_costs_nothing(gateway: Running) -> None:
-    host, port = gateway.url.removeprefix("http://").split(":")
-    for cut in (b"GET /v1/ow", b"GET " + WS_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"):
-        stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(cut)
-        await stream.aclose()
-    async with httpx.AsyncClient(base_url=gateway.url) as c:
-        assert (await c.get("/healthz")).status_code == 200
+    with trio.fail_after(10):
+        host, port = gateway.url.removeprefix("http://").split(":")
+        for cut in (b"GET /v1/ow", b"GET " + WS_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"):
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(cut)
+            await stream.aclose()
+        async with httpx.AsyncClient(base_url=gateway.url) as c:
+            assert (await c.get("/healthz")).status_code == 200
 
 
 async def raw_exchange(gateway: Running, pieces: list[bytes]) -> bytes:
@@ -294,9 +296,10 @@ async def raw_exchange(gateway: Running, pieces: list[bytes]) -> bytes:
     stream = await trio.open_tcp_stream(host, int(port))
     answer = b""
     try:
-        for piece in pieces:
-            await stream.send_all(piece)
-            await trio.sleep(0.02)
+        with trio.fail_after(10):
+            for piece in pieces:
+                await stream.send_all(piece)
+                await trio.sleep(0.02)
         with trio.move_on_after(2):
             while b"\r\n\r\n" not in answer:
                 more = await stream.receive_some(65536)
@@ -342,13 +345,14 @@ async def test_a_connection_reset_mid_head_is_no_failure(
     # A reset (SO_LINGER 0) while the gateway waits for the rest of the head: the
     # peer is gone, which is not a failure of the server's to log.
     caplog.set_level(logging.WARNING, logger="routecat")
-    host, port = gateway.url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(sent)
-    await trio.sleep(0.05)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await stream.aclose()
-    async with gateway.client() as c:
-        assert (await c.get("/healthz")).status_code == 200
-    await trio.sleep(0.05)
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("routecat")] == []
+    with trio.fail_after(10):
+        host, port = gateway.url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(sent)
+        await trio.sleep(0.05)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        async with gateway.client() as c:
+            assert (await c.get("/healthz")).status_code == 200
+        await trio.sleep(0.05)
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("routecat")] == []

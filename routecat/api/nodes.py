@@ -43,6 +43,14 @@ _NODE = NODE_HEADER.lower().encode()
 _SECRET = SECRET_HEADER.lower().encode()
 
 
+async def _end_session(scope: trio.CancelScope) -> NoReturn:
+    """The peer is gone: end its session wherever it waits, as a cancellation of the
+    session's scope (from within it)."""
+    scope.cancel()
+    await trio.lowlevel.checkpoint()  # raises Cancelled: the scope was cancelled
+    raise AssertionError("unreachable: the session's scope is cancelled")
+
+
 class _Socket:
     """One accepted node websocket. The client's leaving (``websocket.disconnect``)
     ends the session as a cancellation of its scope, wherever it waits."""
@@ -59,9 +67,7 @@ class _Socket:
             text = event.get("text")
             return text if text is not None else (event.get("bytes") or b"")
         self.closed = True  # websocket.disconnect: nothing more will come
-        self.scope.cancel()
-        await trio.lowlevel.checkpoint()  # raises Cancelled: the scope was cancelled
-        raise AssertionError("unreachable: the session's scope is cancelled")
+        await _end_session(self.scope)
 
     async def send(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -169,7 +175,7 @@ async def claim_node_connection(
         if not data:
             await stream.aclose()
             return None
-        return Replay(stream, bytes(data))
+        return _Replay(stream, bytes(data))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.aclose()  # gone (reset) before the session: nothing failed
         return None
@@ -178,7 +184,7 @@ async def claim_node_connection(
         raise
 
 
-class Replay(trio.abc.HalfCloseableStream):
+class _Replay(trio.abc.HalfCloseableStream):
     """A socket stream whose first reads return what was already read from it."""
 
     def __init__(self, stream: trio.SocketStream, data: bytes) -> None:
@@ -219,7 +225,7 @@ class _RawSocket:
         self._max = max_message
         self._lock = trio.Lock()
         self._messages: deque[str | bytes] = deque()
-        self._parts: list[Any] = []
+        self._parts: list[Any] = []  # str or bytes: the pieces of one message
         self._size = 0
         self._ended = False
         self.scope = trio.CancelScope()
@@ -272,11 +278,8 @@ class _RawSocket:
         await self._write(self._ws.send(TextMessage(data=text)))
 
     async def _gone(self) -> NoReturn:
-        """End the session, wherever it waits, as the ASGI socket's disconnect does."""
         self.closed = self._ended = True
-        self.scope.cancel()
-        await trio.lowlevel.checkpoint()  # raises Cancelled: the scope was cancelled
-        raise AssertionError("unreachable: the session's scope is cancelled")
+        await _end_session(self.scope)
 
     async def close(self, code: int, reason: str) -> None:
         if not self.closed:

@@ -93,6 +93,12 @@ class Peer:
                     return int(event.code)
 
 
+async def open_tcp(gateway: Running) -> trio.SocketStream:
+    """A plain TCP connection to the gateway's HTTP port."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
+
+
 def new_identity() -> Identity:
     return Identity("node_" + secrets.token_hex(6), secrets.token_urlsafe(24))
 
@@ -112,8 +118,7 @@ async def open_peer(
 ) -> AsyncIterator[Peer]:
     """Open the node websocket ``way``; the head is written in ``pieces`` writes, and
     ``with_head`` (websocket bytes) in the same write as its end."""
-    host, port = gateway.url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await open_tcp(gateway)
     try:
         if way == "after-keep-alive":
             await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
@@ -280,9 +285,8 @@ async def test_a_plain_get_on_the_node_path_is_answered_as_any_unknown_route(
 
 async def test_a_connection_that_leaves_mid_head_costs_nothing(gateway: Running) -> None:
     with trio.fail_after(10):
-        host, port = gateway.url.removeprefix("http://").split(":")
         for cut in (b"GET /v1/ow", b"GET " + WS_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"):
-            stream = await trio.open_tcp_stream(host, int(port))
+            stream = await open_tcp(gateway)
             await stream.send_all(cut)
             await stream.aclose()
         async with httpx.AsyncClient(base_url=gateway.url) as c:
@@ -292,8 +296,7 @@ async def test_a_connection_that_leaves_mid_head_costs_nothing(gateway: Running)
 async def raw_exchange(gateway: Running, pieces: list[bytes]) -> bytes:
     """Write ``pieces`` on a new connection, a little apart; what comes back until the
     gateway closes or 2 s pass."""
-    host, port = gateway.url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await open_tcp(gateway)
     answer = b""
     try:
         with trio.fail_after(10):
@@ -346,8 +349,7 @@ async def test_a_connection_reset_mid_head_is_no_failure(
     # peer is gone, which is not a failure of the server's to log.
     caplog.set_level(logging.WARNING, logger="routecat")
     with trio.fail_after(10):
-        host, port = gateway.url.removeprefix("http://").split(":")
-        stream = await trio.open_tcp_stream(host, int(port))
+        stream = await open_tcp(gateway)
         await stream.send_all(sent)
         await trio.sleep(0.05)
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
